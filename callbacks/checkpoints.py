@@ -1,0 +1,110 @@
+"""Per-epoch, weights-only checkpoints (``checkpoints/epoch=<E>.ckpt``), the input of every
+later stage, plus ``last.ckpt`` (full trainer state) so an interrupted fit can resume.
+
+Files are written to a temporary name and renamed, so a killed run never leaves a
+half-written checkpoint that a later stage would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+FORMAT = 1
+_EPOCH = re.compile(r"^epoch=(\d+)\.ckpt$")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a crossling checkpoint, or a model it does not fit."""
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class EpochCheckpoint(pl.Callback):
+    """Save ``<run dir>/checkpoints/epoch=<E>.ckpt`` after each training epoch (validation included)."""
+
+    def __init__(self, save_last: bool = True):
+        self.save_last = save_last
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        directory = Path(trainer.default_root_dir) / "checkpoints"
+        epoch = trainer.current_epoch
+        if trainer.is_global_zero:
+            payload = {
+                "crossling": {
+                    "format": FORMAT,
+                    "epoch": epoch,
+                    "global_step": trainer.global_step,
+                    "hparams": dict(pl_module.hparams),
+                },
+                "state_dict": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+            }
+            atomic_torch_save(payload, directory / f"epoch={epoch}.ckpt")
+        if self.save_last:
+            # all ranks take part; Lightning writes on rank zero only
+            tmp = directory / "last.ckpt.tmp"
+            trainer.save_checkpoint(tmp)
+            if trainer.is_global_zero:
+                os.replace(tmp, directory / "last.ckpt")
+        trainer.strategy.barrier()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The run's per-epoch checkpoints as (epoch, path), sorted by epoch."""
+    directory = Path(run_dir) / "checkpoints"
+    found = []
+    for path in directory.glob("epoch=*.ckpt"):
+        if m := _EPOCH.match(path.name):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a crossling checkpoint safely (no unpickling of arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means "not usable", said with the file name
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or "crossling" not in payload or "state_dict" not in payload:
+        keys = sorted(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"{path}: not a crossling checkpoint (expected keys 'crossling' and 'state_dict', found {keys}); "
+            "use the checkpoints/epoch=<E>.ckpt files that crossling fit writes"
+        )
+    return payload
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> dict:
+    """Load a crossling checkpoint's weights into ``module``; returns the checkpoint's metadata."""
+    payload = load_checkpoint(path)
+    missing, unexpected = module.load_state_dict(payload["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit this model (missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}); "
+            f"the checkpoint was trained with backbone {payload['crossling'].get('hparams', {}).get('backbone')!r}"
+        )
+    return payload["crossling"]
+
+
+def fingerprint(path: str | Path) -> str:
+    """A short content hash of a checkpoint file, recorded by every artifact derived from it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

@@ -1,0 +1,217 @@
+"""The shared LightningDataModule: load a task's languages from a source, sample parallel
+items, tokenise once, and serve mixed or language-homogeneous batches (DDP-aware).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import DataError
+from .samplers import LanguageBatchSampler, RankSlicedBatchSampler
+from .sampling import sample_independent, sample_parallel
+from .sources import Record, read_split
+from .tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tokenised record; ``index`` is its position in its split (stable across runs with
+    the same languages, sizes, seed and source): the id TracIn reports for training data."""
+
+    index: int
+    lang: int
+    record: Record
+    input_ids: list[int]
+
+
+class ExampleDataset(Dataset):
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+def make_collate(pad_id: int):
+    def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
+        width = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        att = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            att[row, : len(e.input_ids)] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": att,
+            "labels": torch.tensor([e.record.label for e in examples]),
+            "langs": torch.tensor([e.lang for e in examples]),
+            "indices": torch.tensor([e.index for e in examples]),
+        }
+
+    return collate
+
+
+class TaskDataModule(pl.LightningDataModule):
+    """Base of the per-task datamodules.
+
+    Args:
+        languages: language codes, in the order used everywhere (None: the paper's five).
+        source: ``bundled`` (shipped subsets), ``hub`` (HF parquet exports) or ``local`` (``data_dir``).
+        data_dir: folder with ``<task>/<split>/<lang>.jsonl`` (``local``).
+        hub_id: ``<user>/<repo>`` (or a folder) with ``<lang>/<split>-*.parquet`` (``hub``; required for MARC).
+        train_per_language / dev_per_language / test_per_language: examples per language (None: all).
+        max_length: tokens per (pair of) text(s), truncated.
+        seed: which items are sampled, and the order of training batches.
+        batch_size / eval_batch_size: per device.
+        batching: ``mixed`` (shuffled, languages mixed; full fine-tuning) or ``language``
+            (each batch one language, each language equally often; sparse fine-tuning).
+        backbone: whose tokenizer to use (linked from ``model.backbone``).
+    """
+
+    task: ClassVar[str]
+
+    def __init__(
+        self,
+        languages: list[str] | None = None,
+        source: Literal["bundled", "hub", "local"] = "bundled",
+        data_dir: str | None = None,
+        hub_id: str | None = None,
+        train_per_language: int | None = 2000,
+        dev_per_language: int | None = None,
+        test_per_language: int | None = 500,
+        max_length: int = 128,
+        seed: int = 0,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        batching: Literal["mixed", "language"] = "mixed",
+        num_workers: int = 0,
+        backbone: str = "tiny",
+    ):
+        super().__init__()
+        spec = TASKS[self.task]
+        self.languages = list(languages) if languages else list(spec.default_languages)
+        unknown = [lang for lang in self.languages if lang not in spec.known_languages]
+        if unknown:
+            raise DataError(
+                f"data.languages: unknown language code(s) {unknown} for task {self.task}; "
+                f"expected some of {list(spec.known_languages)}"
+            )
+        if len(set(self.languages)) != len(self.languages):
+            raise DataError(f"data.languages: duplicate language codes in {self.languages}")
+        self.source, self.data_dir, self.hub_id = source, data_dir, hub_id
+        self.sizes = {"train": train_per_language, "dev": dev_per_language, "test": test_per_language}
+        self.max_length, self.seed = max_length, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.batching, self.num_workers, self.backbone = batching, num_workers, backbone
+        self.datasets: dict[str, ExampleDataset] = {}
+        self._tokenizer = None
+
+    # -- loading ---------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from lightning_modules.backbones import load_backbone_tokenizer
+
+            self._tokenizer = load_backbone_tokenizer(self.backbone)
+        return self._tokenizer
+
+    def load_records(self, split: str) -> list[Record]:
+        """This run's records of a split, all languages, in language order (index order)."""
+        spec = TASKS[self.task]
+        per_lang = {lang: read_split(self.task, split, lang, self.source, self.data_dir, self.hub_id) for lang in self.languages}
+        for lang, rows in per_lang.items():
+            if not rows:
+                raise DataError(f"task {self.task}, split {split}, language {lang}: no examples in the {self.source} source")
+        n = self.sizes[split]
+        where = f"task {self.task}, split {split} ({self.source})"
+        chosen = sample_parallel(per_lang, n, self.seed, where) if spec.parallel else sample_independent(per_lang, n, self.seed)
+        if n is not None and any(len(rows) < n for rows in chosen.values()):
+            log.warning("%s: fewer than %d examples per language available; using %s", where, n,
+                        {lang: len(rows) for lang, rows in chosen.items()})
+        return [r for lang in self.languages for r in chosen[lang]]
+
+    def tokenize(self, records: list[Record]) -> list[Example]:
+        lang_index = {lang: i for i, lang in enumerate(self.languages)}
+        firsts = [r.texts[0] for r in records]
+        seconds = [r.texts[1] for r in records] if records and len(records[0].texts) > 1 else None
+        enc = self.tokenizer(firsts, seconds, truncation=True, max_length=self.max_length)
+        return [Example(i, lang_index[r.lang], r, ids) for i, (r, ids) in enumerate(zip(records, enc["input_ids"]))]
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "dev"), "validate": ("dev",), "test": ("test",)}.get(stage or "", ("train", "dev", "test"))
+        for split in wanted:
+            if split not in self.datasets:
+                self.datasets[split] = ExampleDataset(self.tokenize(self.load_records(split)))
+
+    def dataset(self, split: str) -> ExampleDataset:
+        if split not in self.datasets:
+            self.datasets[split] = ExampleDataset(self.tokenize(self.load_records(split)))
+        return self.datasets[split]
+
+    # -- loaders ---------------------------------------------------------------------------
+    def _ranks(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _loader(self, dataset: ExampleDataset, batch_sampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=make_collate(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        world, rank = self._ranks()
+        if self.batching == "language":
+            sampler = LanguageBatchSampler([e.lang for e in dataset.examples], self.batch_size, self.seed, world, rank)
+        else:
+            sampler = RankSlicedBatchSampler(len(dataset), self.batch_size, True, self.seed, world, rank)
+        return self._loader(dataset, sampler)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Ordered batches of ``split`` over this rank's share (no padding, no repeats)."""
+        dataset = self.dataset(split)
+        world, rank = self._ranks()
+        return self._loader(dataset, RankSlicedBatchSampler(len(dataset), self.eval_batch_size, False, 0, world, rank))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("dev")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+
+class XNLIDataModule(TaskDataModule):
+    """XNLI, binary (entailment vs not), parallel across languages."""
+
+    task = "xnli"
+
+
+class PAWSXDataModule(TaskDataModule):
+    """PAWS-X paraphrase identification, parallel across languages."""
+
+    task = "pawsx"
+
+
+class MARCDataModule(TaskDataModule):
+    """MARC reviews: stars 1-2 negative, 4-5 positive, 3 dropped; never bundled (licence)."""
+
+    task = "marc"
+
+    def __init__(self, *args, source: Literal["bundled", "hub", "local"] = "local", **kwargs):
+        super().__init__(*args, source=source, **kwargs)

@@ -1,0 +1,208 @@
+"""The sequence classifier LightningModule: full fine-tuning, or sparse fine-tuning (SFT)
+where each language's batches run through, and only update, that language's heads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+
+from analysis.masks import load_subnetworks, shuffle_mask
+
+from .backbones import build_classifier
+from .gates import HeadGates, disabled_parameter_masks
+
+
+class SequenceClassifier(pl.LightningModule):
+    """XLM-R encoder + tanh classifier on ``<s>``, trained with AdamW.
+
+    Args:
+        backbone: ``tiny`` (embedded, no download), ``tiny-random``, or an XLM-R hub name / local path.
+        languages: the data's languages, in order (linked from ``data.languages``).
+        learning_rate: AdamW learning rate (paper: XNLI 2e-5, PAWS-X 9e-6, MARC 2e-5).
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_ratio: fraction of training steps with linear warm-up; then linear decay if ``schedule`` is linear.
+        schedule: ``constant`` or ``linear`` (decay to zero).
+        attn_implementation: ``sdpa`` (fast) or ``eager``.
+        init_seed: seeds freshly initialised weights independently of the global RNG.
+        dropout: override the encoder's dropout (None keeps the backbone's).
+        subnetworks: a ``subnetworks/`` directory with ``<lang>.json`` masks: turns on sparse fine-tuning.
+        mask_mode: ``gradient`` (the paper: masked gradients, AdamW state still moves them) or
+            ``strict`` (masked slices and their optimizer state are bit-identical across each step).
+        random_mask_seed: use each language's mask shuffled with this seed (random-subnetwork SFT).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tiny",
+        languages: list[str] | None = None,
+        num_labels: int = 2,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.0,
+        schedule: Literal["constant", "linear"] = "linear",
+        attn_implementation: Literal["sdpa", "eager"] = "sdpa",
+        init_seed: int = 0,
+        dropout: float | None = None,
+        subnetworks: str | None = None,
+        mask_mode: Literal["gradient", "strict"] = "gradient",
+        random_mask_seed: int | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.languages = list(languages or [])
+        self.model = build_classifier(backbone, num_labels, attn_implementation, init_seed, dropout)
+        self.gates = HeadGates(self.model)
+        self.register_buffer("language_masks", torch.empty(0), persistent=False)
+        if subnetworks is not None:
+            if not self.languages:
+                raise ValueError("model.subnetworks needs model.languages (linked from data.languages)")
+            masks = load_subnetworks(subnetworks, self.languages, self.gates.shape)
+            if random_mask_seed is not None:
+                masks = {lang: shuffle_mask(m, random_mask_seed, lang) for lang, m in masks.items()}
+            self.language_masks = torch.as_tensor(np.stack([masks[lang] for lang in self.languages]), dtype=torch.float32)
+        self._frozen_snapshot = None
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{stage}_{lang}": torchmetrics.classification.MulticlassAccuracy(num_labels, average="micro")
+                for stage in ("val", "test")
+                for lang in self.languages
+            }
+        )
+
+    @property
+    def sparse(self) -> bool:
+        return self.language_masks.numel() > 0
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask, head_mask: torch.Tensor | None = None) -> torch.Tensor:
+        with self.gates.applied(head_mask, input_ids.shape[0]):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def example_masks(self, langs: torch.Tensor) -> torch.Tensor | None:
+        """Per-example B×L×H masks from language indices (None for full fine-tuning)."""
+        return self.language_masks[langs] if self.sparse else None
+
+    def batch_language(self, batch) -> int:
+        langs = batch["langs"]
+        if not bool((langs == langs[0]).all()):
+            raise RuntimeError(
+                "sparse fine-tuning got a batch mixing languages: set data.batching: language "
+                "(language-homogeneous batches)"
+            )
+        return int(langs[0])
+
+    # -- training ------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        mask = None
+        if self.sparse:
+            self._step_language = self.batch_language(batch)
+            mask = self.language_masks[self._step_language]
+        logits = self(batch["input_ids"], batch["attention_mask"], mask)
+        loss = F.cross_entropy(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def on_train_start(self) -> None:
+        if self.sparse and self.trainer.accumulate_grad_batches != 1:
+            raise ValueError("sparse fine-tuning cannot accumulate gradients across batches of different languages")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not self.sparse:
+            return
+        disabled = disabled_parameter_masks(self.model, self.language_masks[self._step_language])
+        for param, off in disabled.items():
+            if param.grad is not None:
+                param.grad.masked_fill_(off, 0.0)  # the paper's gradient masking
+        if self.hparams.mask_mode == "strict":
+            self._frozen_snapshot = snapshot_slices(optimizer, disabled)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._frozen_snapshot is not None:
+            restore_slices(self.trainer.optimizers[0], self._frozen_snapshot)
+            self._frozen_snapshot = None
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.dim() < 2 or "LayerNorm" in name else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.learning_rate,
+        )
+        if self.hparams.schedule == "constant" and self.hparams.warmup_ratio == 0:
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+        linear = self.hparams.schedule == "linear"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup)) if linear else 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _eval_step(self, batch, stage: str):
+        logits = self(batch["input_ids"], batch["attention_mask"], self.example_masks(batch["langs"]))
+        preds = logits.argmax(-1)
+        for i, lang in enumerate(self.languages):
+            sel = batch["langs"] == i
+            if sel.any():
+                self.metrics[f"{stage}_{lang}"].update(preds[sel], batch["labels"][sel])
+        loss = F.cross_entropy(logits, batch["labels"])
+        self.log(f"{stage}/loss", loss, batch_size=len(preds), sync_dist=True)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        accs = []
+        for lang in self.languages:
+            metric = self.metrics[f"{stage}_{lang}"]
+            if metric.update_count == 0 and self.trainer.world_size == 1:
+                continue
+            acc = metric.compute()
+            metric.reset()
+            accs.append(acc)
+            self.log(f"{stage}/acc_{lang}", acc)
+        if accs:
+            self.log(f"{stage}/acc", torch.stack(accs).mean(), prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+
+def snapshot_slices(optimizer: torch.optim.Optimizer, disabled: dict) -> list:
+    """Copies of the disabled elements of each parameter and of its optimizer state tensors."""
+    snap = []
+    for param, off in disabled.items():
+        state = optimizer.state.get(param, {})
+        saved_state = {k: v[off].clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape}
+        snap.append((param, off, param.detach()[off].clone(), saved_state, bool(state)))
+    return snap
+
+
+def restore_slices(optimizer: torch.optim.Optimizer, snap: list) -> None:
+    """Put the disabled elements back, bit for bit; optimizer state created by this step is zeroed there."""
+    with torch.no_grad():
+        for param, off, values, saved_state, had_state in snap:
+            param[off] = values
+            state = optimizer.state.get(param, {})
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == param.shape:
+                    v[off] = saved_state[k] if had_state else 0
