@@ -183,10 +183,10 @@ class TaskDataModule(pl.LightningDataModule):
             sampler = RankSlicedBatchSampler(len(dataset), self.batch_size, True, self.seed, world, rank)
         return self._loader(dataset, sampler)
 
-    def eval_dataloader(self, split: str) -> DataLoader:
-        """Ordered batches of ``split`` over this rank's share (no padding, no repeats)."""
+    def eval_dataloader(self, split: str, shard: bool = True) -> DataLoader:
+        """Ordered batches of ``split`` over this rank's share (no padding, no repeats), or all of it."""
         dataset = self.dataset(split)
-        world, rank = self._ranks()
+        world, rank = self._ranks() if shard else (1, 0)
         return self._loader(dataset, RankSlicedBatchSampler(len(dataset), self.eval_batch_size, False, 0, world, rank))
 
     def val_dataloader(self) -> DataLoader:

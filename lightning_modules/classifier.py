@@ -67,6 +67,14 @@ class SequenceClassifier(pl.LightningModule):
                 masks = {lang: shuffle_mask(m, random_mask_seed, lang) for lang, m in masks.items()}
             self.language_masks = torch.as_tensor(np.stack([masks[lang] for lang in self.languages]), dtype=torch.float32)
         self._frozen_snapshot = None
+        # label counts per language: the majority-class rate a model must beat to have learned anything
+        self.label_counts = torch.nn.ModuleDict(
+            {
+                f"{stage}_{lang}": torchmetrics.aggregation.SumMetric()
+                for stage in ("val", "test")
+                for lang in self.languages
+            }
+        )
         self.metrics = torch.nn.ModuleDict(
             {
                 f"{stage}_{lang}": torchmetrics.classification.MulticlassAccuracy(num_labels, average="micro")
@@ -97,6 +105,13 @@ class SequenceClassifier(pl.LightningModule):
             )
         return int(langs[0])
 
+    def configure_callbacks(self):
+        if not self.sparse:
+            return []
+        from .evaluation import AccuracyTable
+
+        return [AccuracyTable()]
+
     # -- training ------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         mask = None
@@ -122,9 +137,11 @@ class SequenceClassifier(pl.LightningModule):
         if self.hparams.mask_mode == "strict":
             self._frozen_snapshot = snapshot_slices(optimizer, disabled)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self._frozen_snapshot is not None:
-            restore_slices(self.trainer.optimizers[0], self._frozen_snapshot)
+            # strict mode: undo whatever AdamW did to the disabled heads (momentum, weight decay)
+            restore_slices(getattr(optimizer, "optimizer", optimizer), self._frozen_snapshot)
             self._frozen_snapshot = None
 
     def configure_optimizers(self):
@@ -158,6 +175,9 @@ class SequenceClassifier(pl.LightningModule):
             sel = batch["langs"] == i
             if sel.any():
                 self.metrics[f"{stage}_{lang}"].update(preds[sel], batch["labels"][sel])
+                self.label_counts[f"{stage}_{lang}"].update(
+                    torch.nn.functional.one_hot(batch["labels"][sel], self.hparams.num_labels).sum(0).float()
+                )
         loss = F.cross_entropy(logits, batch["labels"])
         self.log(f"{stage}/loss", loss, batch_size=len(preds), sync_dist=True)
 
@@ -171,6 +191,10 @@ class SequenceClassifier(pl.LightningModule):
             metric.reset()
             accs.append(acc)
             self.log(f"{stage}/acc_{lang}", acc)
+            counts = self.label_counts[f"{stage}_{lang}"]
+            totals = counts.compute()
+            counts.reset()
+            self.log(f"{stage}/majority_{lang}", totals.max() / totals.sum().clamp(min=1))
         if accs:
             self.log(f"{stage}/acc", torch.stack(accs).mean(), prog_bar=True)
 

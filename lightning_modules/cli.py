@@ -15,6 +15,7 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger
 
+from analysis.masks import MaskError
 from callbacks.checkpoints import CheckpointError, EpochCheckpoint
 from datamodules import DataError, TaskDataModule
 
@@ -91,20 +92,29 @@ def run_cli(args: list[str] | None = None) -> CrosslingCLI:
         save_config_callback=RunDirConfig,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
-        trainer_defaults={"enable_checkpointing": False},
+        trainer_defaults={"enable_checkpointing": False, "use_distributed_sampler": False},
         args=args,
         parser_kwargs={"prog": "crossling"},
         auto_configure_optimizers=False,
     )
 
 
-USER_ERRORS = (DataError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (DataError, CheckpointError, MaskError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
     try:
-        run_cli(argv)
+        if args and args[0] == "study":
+            from .study import study_main
+
+            study_main(args[1:])
+        elif args and args[0] == "pretrain":
+            from .pretrain import run_pretrain_cli
+
+            run_pretrain_cli(args[1:])
+        else:
+            run_cli(argv)
     except USER_ERRORS as err:
         print(f"crossling: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

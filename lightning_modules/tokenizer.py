@@ -8,7 +8,6 @@ Byte fallback makes every string encodable, so text in a script the vocabulary n
 from __future__ import annotations
 
 import json
-
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,7 +16,16 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R's order fo
 
 def train_unigram_tokenizer(texts: Iterable[str], vocab_size: int = 8000):
     """Train a byte-fallback unigram tokenizer with XLM-R's special tokens and templates."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.Unigram(byte_fallback=True))
     # NFC only (not NFKC) so that decode(encode(text)) gives the text back.

@@ -1,0 +1,233 @@
+"""``crossling study``: every stage of the paper's study for one task, in order, resumable.
+
+The runner is thin on purpose: each stage is the same ``crossling fit | subnetworks |
+analyze`` call a user can type, run in this process with the stage's arguments. A stage
+records completion in ``<root>/.study/<stage>.json`` (written last, atomically) together
+with a fingerprint of its inputs (its arguments, the config files they name, and the
+fingerprints of the stages it depends on), so re-running skips finished stages, a changed
+config re-runs that stage and what depends on it (and only that), and ``--from`` forces a
+re-run from a stage on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class StudyConfig:
+    """What a study runs. Config paths are relative to the study config's folder.
+
+    Args:
+        root: run directory of the study; each run is a subfolder (full, sft, sft-random<seed>).
+        full: config of full fine-tuning (``crossling fit``).
+        subnetworks: config of the subnetwork search (``crossling subnetworks``).
+        sft: config of sparse fine-tuning (``crossling fit``).
+        analyze: config of sketching, influence and report (``crossling analyze``).
+        random_seeds: seeds of the random-subnetwork SFT runs (paper: 0 1 2).
+        natural_conditions: conditions analysed on the fully fine-tuned model.
+        sft_conditions: conditions analysed on the SFT run.
+        overrides: extra arguments given to every stage (e.g. data sizes, epochs).
+        summary_split: the split whose majority-class rate the summary compares with dev accuracy.
+    """
+
+    root: str = "runs/study"
+    full: str = "full.yaml"
+    subnetworks: str = "subnetworks.yaml"
+    sft: str = "sft.yaml"
+    analyze: str = "analyze.yaml"
+    random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    natural_conditions: list[str] = field(default_factory=lambda: ["full", "own", "random0", "as-en"])
+    sft_conditions: list[str] = field(default_factory=lambda: ["own"])
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Stage:
+    name: str
+    command: list[str]  # argv of ``crossling``
+    depends: list[str]
+    resume_fit: Path | None = None  # run dir of a fit stage (resumes from checkpoints/last.ckpt)
+
+
+def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"study config not found: {path}")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    known = set(StudyConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    return StudyConfig(**raw), path.parent
+
+
+def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
+    """The study as a list of CLI calls with their dependencies."""
+    root = Path(cfg.root).expanduser().resolve()
+    conf = {k: str((base / getattr(cfg, k)).resolve()) for k in ("full", "subnetworks", "sft", "analyze")}
+    full, sft = root / "full", root / "sft"
+    subnetworks_dir = full / "subnetworks"
+    extra = list(cfg.overrides)
+
+    def fit(config: str, run: Path, *args: str) -> list[str]:
+        return ["fit", "--config", config, f"--trainer.default_root_dir={run}", *args, *extra]
+
+    def analyze(run: Path, stages: list[str], conditions: list[str], *args: str) -> list[str]:
+        return ["analyze", "--config", conf["analyze"], f"--trainer.default_root_dir={run}",
+                f"--stages=[{', '.join(stages)}]", f"--conditions=[{', '.join(conditions)}]", *args, *extra]
+
+    stages = [
+        Stage("full", fit(conf["full"], full), [], resume_fit=full),
+        Stage("subnetworks", ["subnetworks", "--config", conf["subnetworks"], f"--trainer.default_root_dir={full}",
+                              *extra], ["full"]),
+        Stage("natural-analysis", analyze(full, ["sketch", "influence"], cfg.natural_conditions), ["subnetworks"]),
+        Stage("sft", fit(conf["sft"], sft, f"--model.subnetworks={subnetworks_dir}"), ["subnetworks"], resume_fit=sft),
+    ]
+    for seed in cfg.random_seeds:
+        run = root / f"sft-random{seed}"
+        stages.append(Stage(f"sft-random{seed}", fit(conf["sft"], run, f"--model.subnetworks={subnetworks_dir}",
+                                                      f"--model.random_mask_seed={seed}"), ["subnetworks"], resume_fit=run))
+    stages.append(Stage("sft-analysis", analyze(sft, ["sketch", "influence"], cfg.sft_conditions,
+                                                f"--compare_to={full}"), ["sft", "natural-analysis"]))
+    for seed in cfg.random_seeds:
+        run = root / f"sft-random{seed}"
+        stages.append(Stage(f"sft-random{seed}-analysis", analyze(run, ["sketch", "influence"], [f"random{seed}"],
+                                                                   f"--compare_to={full}"),
+                            [f"sft-random{seed}", "natural-analysis"]))
+    random_runs = [f"--random_runs=[{', '.join(str(root / f'sft-random{s}') for s in cfg.random_seeds)}]"]
+    stages.append(Stage("report", analyze(full, ["report"], cfg.natural_conditions, f"--sft_run={sft}",
+                                          *random_runs),
+                        [s.name for s in stages if s.name.endswith("analysis")] + ["sft"]))
+    return stages
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def stage_fingerprint(stage: Stage, upstream: dict[str, str]) -> str:
+    """Arguments + the content of every config file they name + the upstream fingerprints."""
+    files = {}
+    for i, arg in enumerate(stage.command):
+        if i > 0 and stage.command[i - 1] == "--config":
+            files[arg] = _file_digest(arg)
+    return _digest({"command": stage.command, "files": files, "upstream": [upstream[d] for d in stage.depends]})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def run_study(config: str, from_stage: str | None = None, only: list[str] | None = None) -> Path:
+    """Run (or resume) every stage; returns the study root."""
+    from .cli import run_cli
+
+    cfg, base = load_study_config(config)
+    root = Path(cfg.root).expanduser().resolve()
+    stages = plan_stages(cfg, base)
+    names = [s.name for s in stages]
+    if from_stage is not None and from_stage not in names:
+        raise ValueError(f"--from {from_stage!r}: expected one of {names}")
+    markers = root / ".study"
+    fingerprints: dict[str, str] = {}
+    force = False
+    started = time.monotonic()
+    done_seconds = []
+    for number, stage in enumerate(stages, start=1):
+        force = force or stage.name == from_stage
+        fp = stage_fingerprint(stage, fingerprints)
+        fingerprints[stage.name] = fp
+        marker = _read_json(markers / f"{stage.name}.json")
+        if not force and marker and marker.get("fingerprint") == fp:
+            print(f"[{number}/{len(stages)}] {stage.name}: done ({_fmt(marker.get('seconds', 0))}), skipped", flush=True)
+            continue
+        if only and stage.name not in only:
+            continue
+        command = list(stage.command)
+        progress = _read_json(markers / f"{stage.name}.started.json")
+        resuming = progress is not None and progress.get("fingerprint") == fp and not force
+        if stage.resume_fit is not None:
+            last = stage.resume_fit / "checkpoints" / "last.ckpt"
+            if resuming and last.is_file():
+                command.append(f"--ckpt_path={last}")
+            elif (stage.resume_fit / "checkpoints").exists():
+                # inputs changed: the old checkpoints belong to another model
+                shutil.rmtree(stage.resume_fit / "checkpoints")
+        elapsed = time.monotonic() - started
+        left = ""
+        if done_seconds:
+            per_stage = sum(done_seconds) / len(done_seconds)
+            left = f", about {_fmt(per_stage * (len(stages) - number + 1))} left"
+        print(f"\n[{number}/{len(stages)}] {stage.name}{' (resuming)' if resuming else ''} — "
+              f"elapsed {_fmt(elapsed)}{left}\n  crossling {' '.join(command)}", flush=True)
+        _write_json(markers / f"{stage.name}.started.json", {"fingerprint": fp})
+        t0 = time.monotonic()
+        run_cli(command)
+        seconds = time.monotonic() - t0
+        done_seconds.append(seconds)
+        _write_json(markers / f"{stage.name}.json", {"fingerprint": fp, "seconds": seconds, "command": command})
+        (markers / f"{stage.name}.started.json").unlink(missing_ok=True)
+    print_summary(root)
+    return root
+
+
+def print_summary(root: Path) -> None:
+    from .summary import study_summary
+
+    print("\n" + study_summary(root), flush=True)
+
+
+def study_main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="crossling study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="study config, e.g. configs/demo/pawsx.yaml")
+    parser.add_argument("--from", dest="from_stage", help="re-run from this stage on")
+    parser.add_argument("--list", action="store_true", help="list the stages and their state, run nothing")
+    args = parser.parse_args(argv)
+    if args.list:
+        cfg, base = load_study_config(args.config)
+        root = Path(cfg.root).expanduser().resolve()
+        fingerprints: dict[str, str] = {}
+        for stage in plan_stages(cfg, base):
+            fp = stage_fingerprint(stage, fingerprints)
+            fingerprints[stage.name] = fp
+            marker = _read_json(root / ".study" / f"{stage.name}.json")
+            state = "done" if marker and marker.get("fingerprint") == fp else "to run"
+            print(f"{stage.name:28s} {state:7s} crossling {' '.join(stage.command)}")
+        return
+    run_study(args.config, args.from_stage)
+
+
+if __name__ == "__main__":
+    study_main(sys.argv[1:])

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install crossling with its test tools. Safe to re-run (it skips what is done).
+# torch goes in first and on its own, so no later install can pull a multi-GB CUDA build:
+#   CROSSLING_TORCH_SPEC   the requirement (default torch==2.13.0)
+#   CROSSLING_TORCH_INDEX  an index URL for it, e.g. https://download.pytorch.org/whl/cpu (CPU-only
+#                          machine without a local wheel) or .../whl/cu124 (GPU node)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+if ! python -c "import torch" >/dev/null 2>&1; then
+  echo "crossling setup: installing ${CROSSLING_TORCH_SPEC:-torch==2.13.0}"
+  pip install -q "${CROSSLING_TORCH_SPEC:-torch==2.13.0}" ${CROSSLING_TORCH_INDEX:+--index-url "$CROSSLING_TORCH_INDEX"}
+fi
+if ! python -c "import lightning_modules, pytest, ruff, captum" >/dev/null 2>&1 \
+   || [ pyproject.toml -nt .venv/.crossling-installed ]; then
+  echo "crossling setup: installing crossling and its dependencies into .venv"
+  pip install -q -e ".[dev]"
+  touch .venv/.crossling-installed
+fi
