@@ -2,6 +2,9 @@
 ``union-<a>-<b>``, ``intersect-<a>-<b>``; and conditions that pair each test language
 with a mask: ``full``, ``own``, ``random<seed>``, ``as-<lang>``, ``union-<a>-<b>``,
 ``intersect-<a>-<b>``. numpy only, so every stage (and a notebook) can use them.
+
+A mask is an L×H array of 0/1 (layers × heads); 1 means the head is enabled, so a
+language's subnetwork is the set of its mask's ones.
 """
 
 from __future__ import annotations
@@ -24,30 +27,65 @@ def name_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def load_subnetwork(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """The 0/1 L×H mask stored in a ``subnetworks/<lang>.json`` file."""
-    path = Path(path)
+def _read_subnetwork(path: Path) -> dict:
     if not path.is_file():
-        raise MaskError(f"subnetwork file not found: {path}")
+        raise MaskError(f"subnetwork file not found: {path} (written by `crossling subnetworks`)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise MaskError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    except UnicodeDecodeError as err:
+        raise MaskError(f"{path}: not UTF-8 text ({err.reason})") from None
     if not isinstance(data, dict) or "mask" not in data:
-        raise MaskError(f"{path}: expected a JSON object with key 'mask', found {type(data).__name__}")
-    mask = np.asarray(data["mask"])
-    if mask.ndim != 2 or not np.isin(mask, (0, 1)).all():
-        raise MaskError(f"{path}: key 'mask' must be a 2-d list of 0/1 (layers x heads), found shape {mask.shape}")
-    if shape is not None and tuple(mask.shape) != tuple(shape):
-        raise MaskError(f"{path}: mask has shape {tuple(mask.shape)}, the model has {tuple(shape)} (layers x heads)")
-    return mask.astype(np.int8)
+        found = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
+        raise MaskError(f"{path}: expected a JSON object with key 'mask', found {found}")
+    return data
 
 
-def load_subnetworks(directory: str | Path, languages: list[str], shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+def check_mask(mask: object, shape: tuple[int, int] | None, where: str) -> np.ndarray:
+    """``mask`` as an int8 L×H array of 0/1, or a MaskError that says ``where`` it came from."""
+    try:
+        arr = np.asarray(mask)
+    except ValueError:  # ragged nested lists
+        raise MaskError(f"{where}: mask must be a rectangular 2-d list of 0/1 (layers x heads)") from None
+    if arr.ndim != 2 or arr.dtype.kind not in "biuf" or not np.isin(arr, (0, 1)).all():
+        raise MaskError(
+            f"{where}: mask must be a 2-d list of 0/1 (layers x heads), found shape {arr.shape} of {arr.dtype}"
+        )
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+        raise MaskError(
+            f"{where}: mask has shape {tuple(arr.shape)}, the model has {tuple(shape)} (layers x heads)"
+        )
+    return arr.astype(np.int8)
+
+
+def load_subnetwork(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The 0/1 L×H mask stored in a ``subnetworks/<lang>.json`` file."""
+    path = Path(path)
+    return check_mask(_read_subnetwork(path)["mask"], shape, f"{path}: key 'mask'")
+
+
+def load_subnetworks(
+    directory: str | Path, languages: list[str], shape: tuple[int, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Every language's mask from ``<directory>/<lang>.json``; all must share one shape.
+
+    Without ``shape``, the first file's shape is the reference, so a mix of masks from
+    models of different sizes is caught here, naming the odd file.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise MaskError(f"subnetworks directory not found: {directory}")
-    return {lang: load_subnetwork(directory / f"{lang}.json", shape) for lang in languages}
+    masks: dict[str, np.ndarray] = {}
+    for lang in languages:
+        path = directory / f"{lang}.json"
+        data = _read_subnetwork(path)
+        if "language" in data and data["language"] != lang:
+            raise MaskError(f"{path}: key 'language' is {data['language']!r}, expected {lang!r} (file name)")
+        masks[lang] = check_mask(data["mask"], shape, f"{path}: key 'mask'")
+        if shape is None:
+            shape = masks[lang].shape
+    return masks
 
 
 def shuffle_mask(mask: np.ndarray, seed: int, lang: str) -> np.ndarray:
@@ -56,8 +94,8 @@ def shuffle_mask(mask: np.ndarray, seed: int, lang: str) -> np.ndarray:
     Seeded from the name, so every stage and process draws the same random subnetwork.
     """
     rng = np.random.default_rng(name_seed("random", seed, lang))
-    flat = mask.reshape(-1).copy()
-    return rng.permutation(flat).reshape(mask.shape)
+    flat = np.asarray(mask).reshape(-1).copy()
+    return rng.permutation(flat).reshape(np.shape(mask)).astype(np.int8)
 
 
 _RANDOM = re.compile(r"^random(\d+)-(.+)$")
@@ -65,11 +103,11 @@ _PAIR = re.compile(r"^(union|intersect)-([^-]+)-([^-]+)$")
 
 
 def resolve_mask(name: str, subnetworks: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """The L×H mask a mask name stands for (``full`` is all ones)."""
+    """The L×H mask a mask name stands for (``full`` is all ones); always a fresh int8 array."""
     if name == "full":
         return np.ones(shape, dtype=np.int8)
     if name in subnetworks:
-        return subnetworks[name]
+        return check_mask(subnetworks[name], shape, f"subnetwork {name!r}").copy()
     if m := _RANDOM.match(name):
         seed, lang = int(m.group(1)), m.group(2)
         return shuffle_mask(resolve_mask(lang, subnetworks, shape), seed, lang)
@@ -84,7 +122,11 @@ def resolve_mask(name: str, subnetworks: dict[str, np.ndarray], shape: tuple[int
 
 
 def condition_masks(condition: str, test_languages: list[str]) -> dict[str, str]:
-    """Which mask each test language is evaluated (and attributed) under in a condition."""
+    """Which mask each test language is evaluated (and attributed) under in a condition.
+
+    ``union-<a>-<b>`` / ``intersect-<a>-<b>`` pair only test languages a and b with the
+    composed mask (the paper's Fig 19); naming neither of the test languages is an error.
+    """
     if condition == "full":
         return dict.fromkeys(test_languages, "full")
     if condition == "own":
@@ -95,7 +137,12 @@ def condition_masks(condition: str, test_languages: list[str]) -> dict[str, str]
         return dict.fromkeys(test_languages, m.group(1))
     if m := _PAIR.match(condition):
         op, a, b = m.groups()
-        return {lang: condition for lang in (a, b) if lang in test_languages}
+        paired = {lang: condition for lang in (a, b) if lang in test_languages}
+        if not paired:
+            raise MaskError(
+                f"condition {condition!r}: neither {a!r} nor {b!r} is a test language ({test_languages})"
+            )
+        return paired
     raise MaskError(
         f"unknown condition {condition!r}: expected full, own, random<seed>, as-<lang>, union-<a>-<b> or intersect-<a>-<b>"
     )

@@ -47,7 +47,9 @@ class EpochCheckpoint(pl.Callback):
                     "format": FORMAT,
                     "epoch": epoch,
                     "global_step": trainer.global_step,
-                    "hparams": dict(pl_module.hparams),
+                    # constructor arguments only (LightningCLI adds "_instantiator"), so that
+                    # ``type(module)(**hparams)`` rebuilds the model
+                    "hparams": {k: v for k, v in pl_module.hparams.items() if not k.startswith("_")},
                 },
                 "state_dict": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
             }
@@ -55,7 +57,7 @@ class EpochCheckpoint(pl.Callback):
         if self.save_last:
             # all ranks take part; Lightning writes on rank zero only
             tmp = directory / "last.ckpt.tmp"
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)
             if trainer.is_global_zero:
                 os.replace(tmp, directory / "last.ckpt")
         trainer.strategy.barrier()
@@ -92,12 +94,22 @@ def load_checkpoint(path: str | Path) -> dict:
 def load_weights(module: torch.nn.Module, path: str | Path) -> dict:
     """Load a crossling checkpoint's weights into ``module``; returns the checkpoint's metadata."""
     payload = load_checkpoint(path)
-    missing, unexpected = module.load_state_dict(payload["state_dict"], strict=False)
-    if missing or unexpected:
+    state, own = payload["state_dict"], module.state_dict()
+    # checked before loading: load_state_dict raises a bare RuntimeError on a shape mismatch
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and torch.is_tensor(v) and v.shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
         raise CheckpointError(
-            f"{path}: weights do not fit this model (missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}); "
-            f"the checkpoint was trained with backbone {payload['crossling'].get('hparams', {}).get('backbone')!r}"
+            f"{path}: weights do not fit this model (missing {missing[:4]}, unexpected {unexpected[:4]}, "
+            f"shape mismatch {mismatched[:4]}); the checkpoint was trained with backbone "
+            f"{payload['crossling'].get('hparams', {}).get('backbone')!r}"
         )
+    module.load_state_dict(state)
     return payload["crossling"]
 
 

@@ -15,6 +15,18 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
+class _EpochRelay:
+    """Lightning calls ``set_epoch`` on ``dataloader.sampler`` and ``dataloader.batch_sampler.sampler``
+    but never on a custom batch sampler itself; exposed as the batch sampler's ``.sampler``, this
+    relays the call so each epoch really draws a new order."""
+
+    def __init__(self, owner: Sampler):
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+
 class LanguageBatchSampler(Sampler[list[int]]):
     """Language-homogeneous batches, each language equally often, seeded order per epoch.
 
@@ -35,6 +47,7 @@ class LanguageBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self.sampler = _EpochRelay(self)
         self.languages = sorted(set(self.langs.tolist()))
         global_batch = batch_size * num_replicas
         counts = [int((self.langs == lang).sum()) for lang in self.languages]
@@ -79,8 +92,11 @@ class RankSlicedBatchSampler(Sampler[list[int]]):
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0,
                  drop_last: bool = False):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+        # stored under another name: a ``drop_last`` attribute makes trainer.predict try to rebuild
+        # this sampler as if it were torch's BatchSampler(sampler, batch_size, drop_last), which fails
+        self.num_replicas, self.rank, self.drop_incomplete = num_replicas, rank, drop_last
         self.epoch = 0
+        self.sampler = _EpochRelay(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -96,10 +112,10 @@ class RankSlicedBatchSampler(Sampler[list[int]]):
         idx = self._indices()
         for start in range(0, len(idx), self.batch_size):
             batch = idx[start : start + self.batch_size]
-            if self.drop_last and len(batch) < self.batch_size:
+            if self.drop_incomplete and len(batch) < self.batch_size:
                 return
             yield batch.tolist()
 
     def __len__(self) -> int:
         m = len(self._indices())
-        return m // self.batch_size if self.drop_last else -(-m // self.batch_size)
+        return m // self.batch_size if self.drop_incomplete else -(-m // self.batch_size)

@@ -20,7 +20,8 @@ def sample_parallel(per_lang: dict[str, list[Record]], n: int | None, seed: int,
         common &= set(r.id for r in per_lang[lang])
     if not common:
         raise DataError(f"{where}: no item id is shared by all of {langs}; parallel sampling needs shared ids")
-    ordered = [r.id for r in per_lang[langs[0]] if r.id in common]
+    # unique ids (a repeated id would be drawn twice and leave fewer than n items)
+    ordered = list(dict.fromkeys(r.id for r in per_lang[langs[0]] if r.id in common))
     chosen = set(ordered if n is None or n >= len(ordered) else random.Random(seed).sample(ordered, n))
     out = {}
     for lang in langs:

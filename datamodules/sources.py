@@ -144,12 +144,18 @@ def read_hub(task: str, split: str, lang: str, hub_id: str | None) -> list[Recor
         )
     root = str(Path(root).expanduser()) if "://" not in root else root
     pattern = f"{root.rstrip('/')}/{lang}/{HUB_SPLIT[split]}-*.parquet"
+    if "://" not in root and not list(Path(root, lang).glob(f"{HUB_SPLIT[split]}-*.parquet")):
+        raise DataError(f"no parquet files match {pattern} (expected <root>/<lang>/<split>-*.parquet)")
     import datasets
 
     try:
         table = datasets.load_dataset("parquet", data_files={"rows": pattern}, split="rows")
     except FileNotFoundError as err:
         raise DataError(f"no parquet files match {pattern} ({err})") from None
+    except ValueError as err:
+        if "data_files" not in str(err):  # datasets' "all the data_files are invalid": nothing matched
+            raise
+        raise DataError(f"no parquet files match {pattern} (expected <root>/<lang>/<split>-*.parquet)") from None
     records = []
     for number, row in enumerate(table):
         record = _parse_row(spec, row, f"{pattern} row {number}", number, split)

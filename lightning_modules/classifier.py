@@ -68,11 +68,12 @@ class SequenceClassifier(pl.LightningModule):
             self.language_masks = torch.as_tensor(np.stack([masks[lang] for lang in self.languages]), dtype=torch.float32)
         self._frozen_snapshot = None
         # label counts per language: the majority-class rate a model must beat to have learned anything
-        self.label_counts = torch.nn.ModuleDict(
+        self.label_rates = torch.nn.ModuleDict(
             {
-                f"{stage}_{lang}": torchmetrics.aggregation.SumMetric()
+                f"{stage}_{lang}_{label}": torchmetrics.aggregation.MeanMetric()
                 for stage in ("val", "test")
                 for lang in self.languages
+                for label in range(num_labels)
             }
         )
         self.metrics = torch.nn.ModuleDict(
@@ -175,9 +176,8 @@ class SequenceClassifier(pl.LightningModule):
             sel = batch["langs"] == i
             if sel.any():
                 self.metrics[f"{stage}_{lang}"].update(preds[sel], batch["labels"][sel])
-                self.label_counts[f"{stage}_{lang}"].update(
-                    torch.nn.functional.one_hot(batch["labels"][sel], self.hparams.num_labels).sum(0).float()
-                )
+                for label in range(self.hparams.num_labels):
+                    self.label_rates[f"{stage}_{lang}_{label}"].update((batch["labels"][sel] == label).float())
         loss = F.cross_entropy(logits, batch["labels"])
         self.log(f"{stage}/loss", loss, batch_size=len(preds), sync_dist=True)
 
@@ -191,10 +191,10 @@ class SequenceClassifier(pl.LightningModule):
             metric.reset()
             accs.append(acc)
             self.log(f"{stage}/acc_{lang}", acc)
-            counts = self.label_counts[f"{stage}_{lang}"]
-            totals = counts.compute()
-            counts.reset()
-            self.log(f"{stage}/majority_{lang}", totals.max() / totals.sum().clamp(min=1))
+            rates = [self.label_rates[f"{stage}_{lang}_{label}"] for label in range(self.hparams.num_labels)]
+            self.log(f"{stage}/majority_{lang}", torch.stack([r.compute() for r in rates]).max())
+            for r in rates:
+                r.reset()
         if accs:
             self.log(f"{stage}/acc", torch.stack(accs).mean(), prog_bar=True)
 

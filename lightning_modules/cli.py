@@ -7,6 +7,7 @@ metrics and every later stage's outputs live under it (see README, "Outputs").
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 from typing import Literal
@@ -14,12 +15,35 @@ from typing import Literal
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from analysis.masks import MaskError
-from callbacks.checkpoints import CheckpointError, EpochCheckpoint
+from callbacks.checkpoints import CheckpointError, EpochCheckpoint, list_checkpoints
+from callbacks.subnetworks import SubnetworkOptions, find_subnetworks
 from datamodules import DataError, TaskDataModule
 
 from .classifier import SequenceClassifier
+
+
+class RunCSVLogger(CSVLogger):
+    """CSV metrics in ``<run dir>/logs/metrics.csv``; a resumed fit keeps the earlier epochs' rows
+    (Lightning's logger would delete the file)."""
+
+    keep_previous = False
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        previous = []
+        if self.keep_previous and path.is_file():
+            with open(path, newline="") as f:
+                previous = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        experiment = super().experiment
+        experiment.metrics = previous + experiment.metrics
+        return experiment
 
 
 class CrosslingTrainer(Trainer):
@@ -48,7 +72,7 @@ class CrosslingTrainer(Trainer):
         root = Path(kwargs.get("default_root_dir") or ".").expanduser().resolve()
         kwargs["default_root_dir"] = str(root)
         if kwargs.get("logger") in (None, True):
-            loggers = [CSVLogger(save_dir=str(root), name="", version="logs")]
+            loggers = [RunCSVLogger(save_dir=str(root), name="", version="logs")]
             if wandb:
                 from pytorch_lightning.loggers import WandbLogger
 
@@ -62,12 +86,44 @@ class CrosslingTrainer(Trainer):
         kwargs["callbacks"] = callbacks
         super().__init__(*args, **kwargs)
 
+    def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None, **kwargs):
+        if ckpt_path is not None:
+            for logger in self.loggers:
+                if isinstance(logger, RunCSVLogger):
+                    logger.keep_previous = True
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+
+    def subnetworks(
+        self,
+        model: SequenceClassifier,
+        datamodule: TaskDataModule,
+        ckpt_path: str | None = None,
+        subnetworks: SubnetworkOptions | None = None,
+    ) -> dict[str, Path]:
+        """Find each language's subnetwork by head-importance pruning of a fine-tuned checkpoint.
+
+        Args:
+            ckpt_path: the fine-tuned checkpoint (default: the run's last ``checkpoints/epoch=<E>.ckpt``).
+            subnetworks: the search's options (threshold, step fraction, normalisation, data).
+        """
+        run_dir = Path(self.default_root_dir)
+        if ckpt_path is None:
+            found = list_checkpoints(run_dir)
+            if not found:
+                raise CheckpointError(f"no checkpoints/epoch=<E>.ckpt in {run_dir}: give --ckpt_path or run fit first")
+            ckpt_path = str(found[-1][1])
+        return find_subnetworks(model, datamodule, run_dir, subnetworks or SubnetworkOptions(), ckpt_path)
+
 
 class RunDirConfig(SaveConfigCallback):
-    """Write the resolved config to ``<run dir>/config.yaml`` (replayable with ``--config``)."""
+    """Write the resolved config of ``fit`` to ``<run dir>/config.yaml`` (replayable with ``--config``).
+
+    Other subcommands write theirs as ``<run dir>/<subcommand>.config.yaml`` (see CrosslingCLI),
+    so that analysing a run never overwrites the config that trained it.
+    """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.already_saved:
+        if self.already_saved or stage != "fit":
             return
         if trainer.is_global_zero:
             root = Path(trainer.default_root_dir)
@@ -78,6 +134,23 @@ class RunDirConfig(SaveConfigCallback):
 
 
 class CrosslingCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            **LightningCLI.subcommands(),
+            "subnetworks": {"model", "datamodule"},
+        }
+
+    def _save_subcommand_config(self) -> None:
+        if self.trainer.is_global_zero:
+            root = Path(self.trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(root / f"{self.subcommand}.config.yaml"), skip_none=False,
+                             overwrite=True, multifile=False)
+
+    def before_subnetworks(self) -> None:
+        self._save_subcommand_config()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.backbone", "data.init_args.backbone")
         parser.link_arguments("data", "model.languages", compute_fn=lambda data: data.languages, apply_on="instantiate")
@@ -115,8 +188,15 @@ def main(argv: list[str] | None = None) -> None:
             run_pretrain_cli(args[1:])
         else:
             run_cli(argv)
-    except USER_ERRORS as err:
-        print(f"crossling: error: {err}", file=sys.stderr)
+    except Exception as err:
+        # jsonargparse wraps errors raised while building classes: look down the chain
+        found, seen = err, set()
+        while found is not None and not isinstance(found, USER_ERRORS) and id(found) not in seen:
+            seen.add(id(found))
+            found = found.__cause__ or found.__context__
+        if not isinstance(found, USER_ERRORS):
+            raise
+        print(f"crossling: error: {found}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -54,6 +54,9 @@ class HeadGates:
             if mask is None:
                 return None
             x = args[0]
+            if mask.dim() == 3 and mask.shape[0] != x.shape[0]:
+                # a mismatched per-example mask must not broadcast silently over the batch
+                raise ValueError(f"per-example head mask has {mask.shape[0]} rows for a batch of {x.shape[0]}")
             gate = mask[..., layer, :].to(x.dtype)  # (H,) or (B, H)
             gate = gate.reshape(-1, *([1] * (x.dim() - 2)), self.num_heads, 1)
             gated = (x.unflatten(-1, (self.num_heads, self.head_dim)) * gate).flatten(-2)

@@ -1,0 +1,27 @@
+"""Shared fixtures. Every test runs single-threaded: the machine's cores are shared, and one
+thread also makes floating-point results reproducible between a test process and the
+subprocesses it starts (which get OMP_NUM_THREADS=1 from ``helpers.cli_env``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def small_pawsx():
+    """A small PAWS-X datamodule on the bundled data (tiny tokenizer), shared read-only."""
+    from datamodules import PAWSXDataModule
+
+    return PAWSXDataModule(
+        train_per_language=24,
+        dev_per_language=8,
+        test_per_language=8,
+        batch_size=4,
+        eval_batch_size=8,
+        backbone="tiny-random",
+        seed=3,
+    )

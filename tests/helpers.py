@@ -1,0 +1,201 @@
+"""Helpers shared by the tests and by the ``crossling`` subprocesses they start (this module is
+importable as ``tests.helpers`` from the repository root, so a run can load ``RecordLanguages``
+with ``--trainer.callbacks``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_tiny_model(
+    layers: int = 3,
+    heads: int = 4,
+    hidden: int = 32,
+    vocab: int = 100,
+    attn: str = "eager",
+    seed: int = 0,
+    num_labels: int = 3,
+    init_std: float = 0.02,
+):
+    """A randomly initialised XLM-R classifier of any size, in eval mode (no dropout)."""
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    config = XLMRobertaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        type_vocab_size=1,
+        pad_token_id=1,
+        num_labels=num_labels,
+        initializer_range=init_std,
+    )
+    config._attn_implementation = attn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = XLMRobertaForSequenceClassification(config)
+    return model.eval()
+
+
+def random_batch(batch: int = 4, length: int = 12, vocab: int = 100, seed: int = 0):
+    """Random token ids (never the pad id) with a random amount of right padding per row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, length), generator=g)
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=g)
+    lengths[0] = length  # at least one row unpadded
+    attention = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids[attention == 0] = 1
+    ids[:, 0] = 0
+    return ids, attention
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for ``crossling`` subprocesses: one thread, tests/ importable, no network."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        PYTHONWARNINGS="ignore",
+    )
+    env.update(extra)
+    return env
+
+
+def run_crossling(
+    args: list[str], console_script: bool = False, timeout: int = 300, **env: str
+) -> subprocess.CompletedProcess:
+    """Run ``crossling <args>`` (the console script, or ``python -m lightning_modules.cli``)."""
+    if console_script:
+        command = [str(Path(sys.executable).parent / "crossling"), *args]
+    else:
+        command = [sys.executable, "-m", "lightning_modules.cli", *args]
+    return subprocess.run(
+        command, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def tiny_fit_args(run_dir: Path, *extra: str) -> list[str]:
+    """``crossling fit`` arguments for a run of a few batches on tiny-random and bundled PAWS-X."""
+    return [
+        "fit",
+        "--model.backbone",
+        "tiny-random",
+        "--data.class_path",
+        "datamodules.PAWSXDataModule",
+        "--data.init_args.train_per_language",
+        "16",
+        "--data.init_args.dev_per_language",
+        "8",
+        "--data.init_args.test_per_language",
+        "8",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.eval_batch_size",
+        "16",
+        "--data.init_args.max_length",
+        "48",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "3",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.default_root_dir",
+        str(run_dir),
+        *extra,
+    ]
+
+
+class RecordLanguages(pl.Callback):
+    """Record, on every rank, the languages and dataset indices of each training batch, and
+    write them to ``<out_dir>/rank<R>.json`` at the end of fit (for the DDP alignment test).
+
+    Args:
+        out_dir: folder for the per-rank files.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.steps: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.steps.append(
+            {
+                "epoch": trainer.current_epoch,
+                "batch_idx": batch_idx,
+                "langs": batch["langs"].tolist(),
+                "indices": batch["indices"].tolist(),
+            }
+        )
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"rank{trainer.global_rank}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"world_size": trainer.world_size, "steps": self.steps}))
+        os.replace(tmp, path)
+
+
+def run_config(run_dir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+
+
+def build_data(config: dict):
+    """A run's datamodule, rebuilt from its own config.yaml."""
+    import importlib
+
+    module, _, name = config["data"]["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**{**config["data"]["init_args"], "backbone": config["model"]["backbone"]})
+
+
+def dev_accuracy(run_dir: Path, epoch: int) -> dict[str, float]:
+    """Reference for the logged val/acc_<lang>: that epoch's weights on the whole dev split, one process."""
+    from callbacks.checkpoints import load_checkpoint
+    from lightning_modules.classifier import SequenceClassifier
+
+    data = build_data(run_config(run_dir))
+    payload = load_checkpoint(Path(run_dir) / "checkpoints" / f"epoch={epoch}.ckpt")
+    module = SequenceClassifier(**payload["crossling"]["hparams"])
+    module.load_state_dict(payload["state_dict"])
+    module.eval()
+    correct: dict[int, list[bool]] = {}
+    with torch.no_grad():
+        for batch in data.eval_dataloader("dev"):
+            preds = module(batch["input_ids"], batch["attention_mask"]).argmax(-1)
+            for lang, ok in zip(batch["langs"].tolist(), (preds == batch["labels"]).tolist()):
+                correct.setdefault(lang, []).append(ok)
+    return {lang: sum(correct[i]) / len(correct[i]) for i, lang in enumerate(data.languages)}
+
+
+def logged_val_rows(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(Path(run_dir) / "logs" / "metrics.csv", newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("val/acc")]

@@ -1,0 +1,273 @@
+"""Iterative head pruning: the stopping rule on scripted accuracies, and the search over a run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.masks import MaskError, name_seed
+from callbacks.checkpoints import CheckpointError, atomic_torch_save, fingerprint
+from callbacks.subnetworks import (
+    SubnetworkOptions,
+    evaluate_accuracy,
+    find_subnetworks,
+    heads_per_step,
+    prune_heads,
+)
+from datamodules import DataError, PAWSXDataModule
+from lightning_modules.classifier import SequenceClassifier
+
+
+class Script:
+    """Scripted accuracies and random importances that record every mask they are shown."""
+
+    def __init__(self, accuracies: list[float], shape: tuple[int, int], seed: str):
+        self.accuracies = list(accuracies)
+        self.rng = np.random.default_rng(name_seed(seed))
+        self.shape = shape
+        self.evaluated: list[np.ndarray] = []
+        self.scored: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def importance(self, mask: np.ndarray) -> np.ndarray:
+        scores = self.rng.uniform(size=self.shape)
+        self.scored.append((mask.copy(), scores))
+        return scores
+
+    def evaluate(self, mask: np.ndarray) -> float:
+        self.evaluated.append(mask.copy())
+        return self.accuracies[len(self.evaluated) - 1]
+
+
+def lowest_enabled(mask: np.ndarray, scores: np.ndarray, k: int) -> set[tuple[int, int]]:
+    """The k enabled heads with the lowest scores, found by brute force."""
+    heads = [(scores[i, h], i, h) for i in range(mask.shape[0]) for h in range(mask.shape[1]) if mask[i, h]]
+    return {(i, h) for _, i, h in sorted(heads)[:k]}
+
+
+def test_heads_per_step():
+    assert heads_per_step((12, 12), 0.1) == 14  # the paper's 14 of 144
+    assert heads_per_step((4, 4), 0.1) == 2  # 1.6 rounds to 2
+    assert heads_per_step((2, 5), 0.25) == 3  # 2.5 rounds half up
+    assert heads_per_step((4, 4), 0.01) == 1  # never zero
+    with pytest.raises(ValueError, match="all 16 heads"):
+        heads_per_step((4, 4), 0.99)
+
+
+def test_stops_at_first_step_below_threshold_and_keeps_previous_mask():
+    shape = (2, 5)
+    # base 0.8 -> floor 0.76; 0.76 itself is kept (at the floor), 0.7599 is below
+    script = Script([0.8, 0.79, 0.76, 0.7599, 0.9, 0.9], shape, "scripted-stop")
+    result = prune_heads(shape, script.importance, script.evaluate, threshold=0.95, step_fraction=0.2)
+    assert result.heads_per_step == 2
+    assert result.base_accuracy == 0.8
+    assert [t["kept"] for t in result.trace] == [True, True, False]
+    assert [t["accuracy"] for t in result.trace] == [0.79, 0.76, 0.7599]
+    assert result.stop_reason == "accuracy_below_threshold"
+    assert len(script.evaluated) == 4  # base + three steps, nothing after the stop
+    assert int(result.mask.size - result.mask.sum()) == 4
+    # the kept mask is the one evaluated at step 2 (the 3rd evaluation), not the rejected one
+    assert np.array_equal(result.mask, script.evaluated[2])
+    assert not np.array_equal(result.mask, script.evaluated[3])
+
+    mask = np.ones(shape, dtype=np.int8)
+    for step, entry in enumerate(result.trace):
+        shown, scores = script.scored[step]
+        assert np.array_equal(shown, mask)  # importance recomputed under the current mask
+        disabled = {tuple(x) for x in entry["disabled"]}
+        assert len(disabled) == 2 and all(mask[i, h] == 1 for i, h in disabled)
+        assert disabled == lowest_enabled(mask, scores, 2)
+        candidate = mask.copy()
+        for i, h in disabled:
+            candidate[i, h] = 0
+        assert np.array_equal(script.evaluated[step + 1], candidate)
+        if entry["kept"]:
+            mask = candidate
+    assert np.array_equal(result.importance, script.scored[0][1])
+
+
+def test_accuracy_exactly_at_the_floor_is_kept_despite_float_rounding():
+    # 0.8 * (15/20) evaluates to 0.6000000000000001 in floats, above 12/20 = 0.6
+    shape = (2, 5)
+    script = Script([15 / 20, 12 / 20, 11 / 20], shape, "float-floor")
+    result = prune_heads(shape, script.importance, script.evaluate, threshold=0.8, step_fraction=0.2)
+    assert [t["kept"] for t in result.trace] == [True, False]
+    assert int(result.mask.size - result.mask.sum()) == 2
+
+
+def test_never_disables_all_heads_and_counts_are_multiples_of_the_step():
+    for fraction, per_step, expected_off in ((0.2, 2, 8), (0.3, 3, 9), (0.1, 1, 9)):
+        shape = (2, 5)
+        script = Script([0.5] * 20, shape, f"never-all-{fraction}")
+        result = prune_heads(
+            shape, script.importance, script.evaluate, threshold=0.95, step_fraction=fraction
+        )
+        assert result.heads_per_step == per_step
+        assert result.stop_reason == "no_heads_left"
+        assert all(t["kept"] for t in result.trace)
+        assert all(len(t["disabled"]) == per_step for t in result.trace)
+        off = int(result.mask.size - result.mask.sum())
+        assert off == expected_off and off % per_step == 0 and result.mask.sum() >= 1
+
+
+def test_ties_break_by_layer_then_head():
+    shape = (2, 3)
+    result = prune_heads(shape, lambda m: np.zeros(shape), lambda m: 1.0, step_fraction=0.34)
+    assert result.trace[0]["disabled"] == [[0, 0], [0, 1]]
+    assert result.trace[1]["disabled"] == [[0, 2], [1, 0]]
+
+
+# -- the search over a run ---------------------------------------------------------------------
+
+
+def make_run(tmp_path, dev_per_language: int = 10, languages=("en", "de")):
+    dm = PAWSXDataModule(
+        languages=list(languages),
+        train_per_language=4,
+        dev_per_language=dev_per_language,
+        test_per_language=4,
+        eval_batch_size=4,
+        backbone="tiny-random",
+    )
+    module = SequenceClassifier(backbone="tiny-random", languages=dm.languages, init_seed=3)
+    ckpt = tmp_path / "run" / "checkpoints" / "epoch=0.ckpt"
+    payload = {
+        "crossling": {"format": 1, "epoch": 0, "global_step": 0, "hparams": dict(module.hparams)},
+        "state_dict": {k: v.clone() for k, v in module.state_dict().items()},
+    }
+    atomic_torch_save(payload, ckpt)
+    return dm, module, ckpt
+
+
+CONTRACT_KEYS = {
+    "language", "mask", "importance", "trace", "base_accuracy", "threshold", "step_fraction", "heads_per_step",
+    "normalization", "data_split", "num_examples", "checkpoint", "checkpoint_fingerprint",
+}  # fmt: skip
+
+
+def test_find_subnetworks_writes_contract_and_resumes(tmp_path):
+    torch.set_num_threads(1)
+    dm, module, ckpt = make_run(tmp_path)
+    options = SubnetworkOptions(threshold=0.9, step_fraction=0.2, progress=False)
+    paths = find_subnetworks(module, dm, tmp_path / "run", options, ckpt_path=ckpt)
+    assert set(paths) == {"en", "de", "stats"}
+    for lang_index, lang in enumerate(dm.languages):
+        data = json.loads(paths[lang].read_text())
+        assert CONTRACT_KEYS <= set(data)
+        assert data["language"] == lang and data["checkpoint_fingerprint"] == fingerprint(ckpt)
+        assert data["num_examples"] == 10 and data["data_split"] == "dev" and data["threshold"] == 0.9
+        mask = np.array(data["mask"])
+        assert mask.shape == (4, 4) and set(np.unique(mask)) <= {0, 1} and mask.sum() >= 1
+        assert data["heads_per_step"] == 3  # 0.2 * 16 = 3.2
+        assert (16 - mask.sum()) % 3 == 0
+        trace = data["trace"]
+        assert all(t["kept"] for t in trace[:-1])
+        floor = 0.9 * data["base_accuracy"]
+        assert all(t["kept"] == (t["accuracy"] >= floor - 1e-12) for t in trace)
+        if data["stop_reason"] == "accuracy_below_threshold":
+            assert not trace[-1]["kept"]
+        # the stored mask really has the accuracy the trace claims (last kept step, or the base)
+        examples = [e for e in dm.dataset("dev").examples if e.lang == lang_index]
+        from datamodules.base import make_collate
+
+        batch = make_collate(dm.tokenizer.pad_token_id)(examples)
+        kept = [t["accuracy"] for t in trace if t["kept"]]
+        accuracy = evaluate_accuracy(module.model, module.gates, [batch], torch.as_tensor(mask))
+        assert accuracy == pytest.approx(kept[-1] if kept else data["base_accuracy"], abs=1e-9)
+    stats = paths["stats"]
+    assert (stats / "table1_disabled_heads.csv").is_file() and (stats / "mask_cosine.png").is_file()
+
+    # resumable: the same checkpoint, data and options skip; other options recompute
+    before = {lang: paths[lang].stat().st_mtime_ns for lang in dm.languages}
+    find_subnetworks(module, dm, tmp_path / "run", options, ckpt_path=ckpt)
+    assert {lang: paths[lang].stat().st_mtime_ns for lang in dm.languages} == before
+    changed = SubnetworkOptions(threshold=0.8, step_fraction=0.2, progress=False, languages=["de"])
+    find_subnetworks(module, dm, tmp_path / "run", changed, ckpt_path=ckpt)
+    assert paths["en"].stat().st_mtime_ns == before["en"]
+    assert json.loads(paths["de"].read_text())["threshold"] == 0.8
+    assert not list((tmp_path / "run" / "subnetworks").glob("*.tmp*"))
+
+    # another checkpoint (different weights) is a different search: everything is recomputed
+    other = tmp_path / "run" / "checkpoints" / "epoch=1.ckpt"
+    payload = torch.load(ckpt, weights_only=True)
+    payload["state_dict"] = {
+        k: v + 0.01 if v.is_floating_point() else v for k, v in payload["state_dict"].items()
+    }
+    atomic_torch_save(payload, other)
+    find_subnetworks(module, dm, tmp_path / "run", changed, ckpt_path=other)
+    assert json.loads(paths["de"].read_text())["checkpoint_fingerprint"] == fingerprint(other)
+
+
+def test_bad_checkpoint_names_the_file(tmp_path):
+    dm, module, _ = make_run(tmp_path)
+    bad = tmp_path / "not-crossling.ckpt"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(CheckpointError, match="not-crossling.ckpt"):
+        find_subnetworks(module, dm, tmp_path / "run", SubnetworkOptions(progress=False), ckpt_path=bad)
+    assert not (tmp_path / "run" / "subnetworks").exists()
+
+
+class NoGermanDev(PAWSXDataModule):
+    """A source whose dev split lacks one language (the datamodule itself would refuse an empty file)."""
+
+    def load_records(self, split):
+        records = super().load_records(split)
+        return [r for r in records if split != "dev" or r.lang != "de"]
+
+
+def test_language_without_dev_data_names_the_file(tmp_path):
+    _, module, ckpt = make_run(tmp_path)
+    dm = NoGermanDev(languages=["en", "de"], dev_per_language=4, eval_batch_size=4, backbone="tiny-random")
+    options = SubnetworkOptions(progress=False, step_fraction=0.5)
+    with pytest.raises(DataError, match=r"subnetworks/de\.json.*dev split has no 'de' examples"):
+        find_subnetworks(module, dm, tmp_path / "run", options, ckpt_path=ckpt)
+    assert not (tmp_path / "run" / "subnetworks" / "en.json").exists()  # checked before any work
+
+
+def test_existing_mask_of_wrong_shape_names_the_file(tmp_path):
+    dm, module, ckpt = make_run(tmp_path, dev_per_language=4, languages=("en",))
+    options = SubnetworkOptions(progress=False, step_fraction=0.5)
+    paths = find_subnetworks(module, dm, tmp_path / "run", options, ckpt_path=ckpt)
+    data = json.loads(paths["en"].read_text())
+    data["mask"] = [[1, 1, 1]] * 4
+    paths["en"].write_text(json.dumps(data))
+    with pytest.raises(MaskError, match=r"en\.json.*shape \(4, 3\).*\(4, 4\)"):
+        find_subnetworks(module, dm, tmp_path / "run", options, ckpt_path=ckpt)
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="threshold"):
+        SubnetworkOptions(threshold=1.5)
+    with pytest.raises(ValueError, match="step_fraction"):
+        SubnetworkOptions(step_fraction=0.0)
+    with pytest.raises(ValueError, match="num_examples"):
+        SubnetworkOptions(num_examples=0)
+
+
+def test_callback_searches_the_just_trained_model(tmp_path):
+    import pytorch_lightning as pl
+
+    from callbacks.checkpoints import EpochCheckpoint
+    from callbacks.subnetworks import SubnetworkSearch
+
+    dm = PAWSXDataModule(
+        languages=["en", "ko"], train_per_language=8, dev_per_language=6, test_per_language=4, batch_size=4,
+        eval_batch_size=6, backbone="tiny-random",
+    )  # fmt: skip
+    module = SequenceClassifier(backbone="tiny-random", languages=dm.languages)
+    search = SubnetworkSearch(SubnetworkOptions(step_fraction=0.25, progress=False))
+    trainer = pl.Trainer(
+        max_epochs=1, limit_val_batches=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        default_root_dir=str(tmp_path), callbacks=[EpochCheckpoint(save_last=False), search],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    ckpt = tmp_path / "checkpoints" / "epoch=0.ckpt"
+    for lang in dm.languages:
+        data = json.loads((tmp_path / "subnetworks" / f"{lang}.json").read_text())
+        assert data["checkpoint"] == str(ckpt) and data["checkpoint_fingerprint"] == fingerprint(ckpt)
+        assert data["checkpoint_epoch"] == 0 and data["num_examples"] == 6
+        assert (16 - np.array(data["mask"]).sum()) % 4 == 0
+    assert (tmp_path / "subnetworks" / "stats" / "overlap_percent.csv").is_file()

@@ -1,0 +1,196 @@
+"""Batch samplers: language-homogeneous batches aligned across DDP ranks (sparse fine-tuning),
+and rank-sliced evaluation that sees every example exactly once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from datamodules.samplers import LanguageBatchSampler, RankSlicedBatchSampler
+
+
+def random_langs(seed: int, counts=(23, 40, 31, 57)) -> list[int]:
+    """Language index per item: unequal sizes, positions shuffled."""
+    langs = [lang for lang, c in enumerate(counts) for _ in range(c)]
+    random.Random(seed).shuffle(langs)
+    return langs
+
+
+def epoch_batches(langs, batch_size, seed, world, epoch) -> list[list[list[int]]]:
+    """Per rank, the batches of one epoch."""
+    out = []
+    for rank in range(world):
+        sampler = LanguageBatchSampler(langs, batch_size, seed, world, rank)
+        sampler.set_epoch(epoch)
+        out.append(list(sampler))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_language_batches_one_language_balanced_aligned_disjoint(world):
+    langs = random_langs(seed=world)
+    counts = Counter(langs)
+    batch_size = 4
+    expected_per_lang = min(counts.values()) // (batch_size * world)
+    for epoch in range(3):
+        per_rank = epoch_batches(langs, batch_size, seed=7, world=world, epoch=epoch)
+        orders = []
+        for rank, batches in enumerate(per_rank):
+            sampler = LanguageBatchSampler(langs, batch_size, 7, world, rank)
+            sampler.set_epoch(epoch)
+            assert len(batches) == len(sampler) == expected_per_lang * len(counts)
+            batch_langs = []
+            for batch in batches:
+                assert len(batch) == batch_size
+                assert len({langs[i] for i in batch}) == 1, "a batch mixes languages"
+                batch_langs.append(langs[batch[0]])
+            assert batch_langs == sampler.language_order()
+            assert Counter(batch_langs) == dict.fromkeys(counts, expected_per_lang)
+            orders.append(batch_langs)
+        assert all(order == orders[0] for order in orders), "ranks disagree on the language of a step"
+        used = [i for batches in per_rank for batch in batches for i in batch]
+        assert len(used) == len(set(used)), "an item is used twice in one epoch (within or across ranks)"
+        used_per_lang = Counter(langs[i] for i in used)
+        assert used_per_lang == dict.fromkeys(counts, expected_per_lang * batch_size * world)
+        # step by step, the ranks' batches together form one global batch of one language
+        for step in range(len(per_rank[0])):
+            union = [i for r in range(world) for i in per_rank[r][step]]
+            assert len(set(union)) == batch_size * world
+
+
+def test_language_batches_deterministic_per_seed_epoch_and_vary_across_epochs():
+    langs = random_langs(seed=0)
+    a = epoch_batches(langs, 4, seed=1, world=2, epoch=0)
+    assert a == epoch_batches(langs, 4, seed=1, world=2, epoch=0)
+    b = epoch_batches(langs, 4, seed=1, world=2, epoch=1)
+    assert a != b
+    assert LanguageBatchSampler(langs, 4, 1).language_order() != _order_at(langs, 4, 1, epoch=1)
+    assert epoch_batches(langs, 4, seed=2, world=2, epoch=0) != a
+
+
+def _order_at(langs, batch_size, seed, epoch):
+    sampler = LanguageBatchSampler(langs, batch_size, seed)
+    sampler.set_epoch(epoch)
+    return sampler.language_order()
+
+
+def test_language_batches_rotate_leftover_items_over_epochs():
+    """Items beyond the smallest language's share are not always the same ones left out."""
+    langs = random_langs(seed=1)
+    seen = set()
+    for epoch in range(30):
+        for batches in epoch_batches(langs, 4, seed=0, world=2, epoch=epoch):
+            seen.update(i for batch in batches for i in batch)
+    assert seen == set(range(len(langs)))
+
+
+def test_language_batches_too_few_examples_is_clear():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        LanguageBatchSampler([0] * 10 + [1] * 3, batch_size=2, num_replicas=2)
+
+
+@pytest.mark.parametrize("n", [1, 7, 40, 41])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_eval_batches_cover_every_example_once_in_order(n, world):
+    seen = []
+    for rank in range(world):
+        sampler = RankSlicedBatchSampler(n, batch_size=3, shuffle=False, num_replicas=world, rank=rank)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert all(1 <= len(b) <= 3 for b in batches)
+        flat = [i for b in batches for i in b]
+        assert flat == sorted(flat)
+        seen.extend(flat)
+    assert sorted(seen) == list(range(n))
+
+
+def test_training_batches_shuffle_per_epoch_equal_steps_and_disjoint():
+    n, world = 45, 2
+    per_epoch = []
+    for epoch in range(2):
+        ranks = []
+        for rank in range(world):
+            sampler = RankSlicedBatchSampler(n, 4, shuffle=True, seed=3, num_replicas=world, rank=rank)
+            sampler.set_epoch(epoch)
+            ranks.append([i for b in sampler for i in b])
+        assert len(ranks[0]) == len(ranks[1]) == n // world
+        assert not set(ranks[0]) & set(ranks[1])
+        per_epoch.append(ranks)
+    assert per_epoch[0] != per_epoch[1]
+
+
+class _Record(pl.Callback):
+    """Remember the indices of every training batch, per epoch."""
+
+    def __init__(self):
+        self.epochs: dict[int, list[list[int]]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.epochs.setdefault(trainer.current_epoch, []).append(batch["indices"].tolist())
+
+
+class _Probe(pl.LightningModule):
+    """The smallest module that consumes crossling batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch["labels"].float()).sum()
+
+    def predict_step(self, batch, batch_idx):
+        return batch["indices"]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("batching", ["language", "mixed"])
+def test_lightning_draws_a_new_order_each_epoch(small_pawsx, batching):
+    """Lightning must reach the samplers' set_epoch (it only calls ``batch_sampler.sampler``'s)."""
+    small_pawsx.batching = batching
+    try:
+        record = _Record()
+        _trainer(max_epochs=2, callbacks=[record]).fit(
+            _Probe(), train_dataloaders=small_pawsx.train_dataloader()
+        )
+    finally:
+        small_pawsx.batching = "mixed"
+    langs = [e.lang for e in small_pawsx.dataset("train").examples]
+    for batches in record.epochs.values():
+        if batching == "language":
+            assert all(len({langs[i] for i in b}) == 1 for b in batches)
+        assert sorted(i for b in batches for i in b) == sorted(set(i for b in batches for i in b))
+    assert record.epochs[0] != record.epochs[1]
+
+
+def test_predict_over_eval_loader_returns_every_index_once(small_pawsx):
+    """trainer.predict must accept the eval loader (the sketch stage shards with it)."""
+    out = _trainer().predict(_Probe(), dataloaders=small_pawsx.eval_dataloader("test"))
+    assert torch.cat(out).tolist() == list(range(len(small_pawsx.dataset("test"))))
+
+
+def test_language_order_is_balanced_permutation():
+    langs = np.repeat([0, 1, 2], [12, 9, 20]).tolist()
+    order = LanguageBatchSampler(langs, 3, seed=4).language_order()
+    assert Counter(order) == {0: 3, 1: 3, 2: 3}
