@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import DataError
 from .samplers import LanguageBatchSampler, RankSlicedBatchSampler
 from .sampling import sample_independent, sample_parallel
-from .sources import Record, read_split
+from .sources import Record, describe_source, read_split
 from .tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,11 @@ class TaskDataModule(pl.LightningDataModule):
         per_lang = {lang: read_split(self.task, split, lang, self.source, self.data_dir, self.hub_id) for lang in self.languages}
         for lang, rows in per_lang.items():
             if not rows:
-                raise DataError(f"task {self.task}, split {split}, language {lang}: no examples in the {self.source} source")
+                where = describe_source(self.task, split, lang, self.source, self.data_dir, self.hub_id)
+                raise DataError(f"{where}: no examples (task {self.task}, split {split}, language {lang})")
         n = self.sizes[split]
+        if n is not None and n < 1:
+            raise DataError(f"data.{split}_per_language must be at least 1 (or null for all), found {n}")
         where = f"task {self.task}, split {split} ({self.source})"
         chosen = sample_parallel(per_lang, n, self.seed, where) if spec.parallel else sample_independent(per_lang, n, self.seed)
         if n is not None and any(len(rows) < n for rows in chosen.values()):

@@ -177,6 +177,16 @@ def read_split(task: str, split: str, lang: str, source: str, data_dir=None, hub
     raise DataError(f"unknown data source {source!r}: expected bundled, hub or local")
 
 
+def describe_source(task: str, split: str, lang: str, source: str, data_dir=None, hub_id=None) -> str:
+    """Where ``read_split`` looks for one task/split/language, for error messages."""
+    if source == "bundled":
+        return str(BUNDLED_DIR / task / split / f"{lang}.jsonl.gz")
+    if source == "local":
+        return str(Path(data_dir or ".") / task / split / f"{lang}.jsonl")
+    root = hub_id or TASKS[task].hub_root or "<hub_id>"
+    return f"{root}/{lang}/{HUB_SPLIT[split]}-*.parquet"
+
+
 def iter_bundled_texts(split: str = "train") -> Iterator[str]:
     """Every text field of every bundled task and language in one split (tokenizer/pretraining corpus)."""
     for task, spec in TASKS.items():
