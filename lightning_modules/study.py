@@ -90,24 +90,24 @@ def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
         Stage("full", fit(conf["full"], full), [], resume_fit=full),
         Stage("subnetworks", ["subnetworks", "--config", conf["subnetworks"], f"--trainer.default_root_dir={full}",
                               *extra], ["full"]),
-        Stage("natural-analysis", analyze(full, ["sketch", "influence"], cfg.natural_conditions), ["subnetworks"]),
+        Stage("natural-analysis", analyze(full, ["sketch", "influence", "report"], cfg.natural_conditions),
+              ["subnetworks"]),
         Stage("sft", fit(conf["sft"], sft, f"--model.subnetworks={subnetworks_dir}"), ["subnetworks"], resume_fit=sft),
     ]
     for seed in cfg.random_seeds:
         run = root / f"sft-random{seed}"
         stages.append(Stage(f"sft-random{seed}", fit(conf["sft"], run, f"--model.subnetworks={subnetworks_dir}",
                                                       f"--model.random_mask_seed={seed}"), ["subnetworks"], resume_fit=run))
-    stages.append(Stage("sft-analysis", analyze(sft, ["sketch", "influence"], cfg.sft_conditions,
+    masks = f"--model.subnetworks={subnetworks_dir}"
+    stages.append(Stage("sft-analysis", analyze(sft, ["sketch", "influence", "report"], cfg.sft_conditions, masks,
                                                 f"--compare_to={full}"), ["sft", "natural-analysis"]))
     for seed in cfg.random_seeds:
         run = root / f"sft-random{seed}"
-        stages.append(Stage(f"sft-random{seed}-analysis", analyze(run, ["sketch", "influence"], [f"random{seed}"],
-                                                                   f"--compare_to={full}"),
+        stages.append(Stage(f"sft-random{seed}-analysis",
+                            analyze(run, ["sketch", "influence", "report"], [f"random{seed}"], masks,
+                                    f"--compare_to={full}"),
                             [f"sft-random{seed}", "natural-analysis"]))
-    random_runs = [f"--random_runs=[{', '.join(str(root / f'sft-random{s}') for s in cfg.random_seeds)}]"]
-    stages.append(Stage("report", analyze(full, ["report"], cfg.natural_conditions, f"--sft_run={sft}",
-                                          *random_runs),
-                        [s.name for s in stages if s.name.endswith("analysis")] + ["sft"]))
+    stages.append(Stage("report", ["report", str(root)], [s.name for s in stages if s.name.endswith("analysis")]))
     return stages
 
 
@@ -192,7 +192,12 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
               f"elapsed {_fmt(elapsed)}{left}\n  crossling {' '.join(command)}", flush=True)
         _write_json(markers / f"{stage.name}.started.json", {"fingerprint": fp})
         t0 = time.monotonic()
-        run_cli(command)
+        if command[0] == "report":
+            from analysis.study_report import write_study_report
+
+            write_study_report(Path(command[1]))
+        else:
+            run_cli(command)
         seconds = time.monotonic() - t0
         done_seconds.append(seconds)
         _write_json(markers / f"{stage.name}.json", {"fingerprint": fp, "seconds": seconds, "command": command})
@@ -202,7 +207,7 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
 
 
 def print_summary(root: Path) -> None:
-    from .summary import study_summary
+    from analysis.study_summary import study_summary
 
     print("\n" + study_summary(root), flush=True)
 

@@ -58,11 +58,13 @@ class GradientRecorder(pl.Callback):
 def train(tmp_path, mode, callbacks, steps=6, weight_decay=0.1):
     torch.manual_seed(0)
     masks = write_masks(tmp_path)
+    assert not (tmp_path / "run").exists()
     dm = PAWSXDataModule(languages=LANGS, train_per_language=16, dev_per_language=8, test_per_language=8,
                          batch_size=4, batching="language", backbone="tiny-random", seed=3)
     module = SequenceClassifier(backbone="tiny-random", languages=LANGS, learning_rate=1e-2, weight_decay=weight_decay,
                                 schedule="constant", subnetworks=str(tmp_path), mask_mode=mode, dropout=0.0)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path / "run",
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          callbacks=callbacks, use_distributed_sampler=False)
     trainer.fit(module, datamodule=dm)

@@ -82,6 +82,6 @@ def study_summary(root: Path) -> str:
         influence_matrix(full / "influence" / "own" / "contributions.csv"),
         "",
     ]
-    report = full / "report" / "report.html"
-    parts.append(f"Report: {report if report.exists() else full / 'report' / 'report.md'}")
+    report = root / "report" / "report.html"
+    parts.append(f"Report: {report if report.exists() else root / 'report' / 'report.md'}")
     return "\n".join(parts)

@@ -1,0 +1,140 @@
+"""The study's front page: ``<root>/report/report.md`` and ``.html`` gather the per-run reports
+(full fine-tuning, SFT, random-subnetwork SFT) in the paper's order, add the figure only a
+whole study can draw — in-language reliance over epochs for full FT vs SFT vs random SFT
+(Figs 10, 17, 18) — and open with the summary printed at the end of ``crossling study``.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+import re
+from pathlib import Path
+
+from .study_summary import study_summary
+
+# The paper's order of results; items without a paper number come last.
+PAPER_ORDER = ["Table 1", "Fig 12", "Fig 13", "Fig 14", "Fig 15", "Fig 11", "Fig 2", "Fig 3", "Table 2", "Fig 4",
+               "Fig 5", "Fig 6", "Fig 10", "Fig 7", "Fig 8", "Fig 9", "Fig 16", "Fig 19"]
+
+
+def _runs(root: Path) -> list[Path]:
+    order = ["full", "sft"] + sorted(p.name for p in root.glob("sft-random*") if p.is_dir())
+    return [root / name for name in order if (root / name / "report" / "items.json").is_file()]
+
+
+def _paper_rank(item: dict) -> int:
+    paper = item.get("paper") or ""
+    for i, ref in enumerate(PAPER_ORDER):
+        if re.search(rf"\b{re.escape(ref)}\b", paper):
+            return i
+    return len(PAPER_ORDER)
+
+
+def _read_dynamics(run: Path) -> list[dict]:
+    path = run / "report" / "dynamics_in_language.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [row | {"run_dir": run.name} for row in csv.DictReader(f)]
+
+
+def plot_dynamics(rows: list[dict], path: Path) -> bool:
+    """In-language share per epoch, mean over test languages, one line per run and condition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    series: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        own = (row["run_dir"] == "full" and row["condition"] == "full") or row["run_dir"] != "full"
+        if not own:
+            continue
+        label = f"{row['run_dir']} ({row['condition']})"
+        series.setdefault(label, {}).setdefault(int(row["epoch"]), []).append(float(row["in_language_percent"]))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, by_epoch in series.items():
+        epochs = sorted(by_epoch)
+        ax.plot([e + 1 for e in epochs], [np.mean(by_epoch[e]) for e in epochs], marker="o", label=label)
+    ax.set_xlabel("epoch (checkpoint)")
+    ax.set_ylabel("in-language share of top-m (%)")
+    ax.set_title("Language specialisation over training: full FT vs SFT vs random SFT")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_study_report(root: Path) -> Path:
+    """Write ``<root>/report/report.md`` and ``report.html``; returns the markdown path."""
+    root = Path(root)
+    out = root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = _runs(root)
+    items = []
+    for run in runs:
+        for item in json.loads((run / "report" / "items.json").read_text()):
+            items.append(item | {"run_dir": run.name})
+    items.sort(key=_paper_rank)
+    dynamics = [row for run in runs for row in _read_dynamics(run)]
+    has_dynamics = plot_dynamics(dynamics, out / "dynamics_across_runs.png")
+
+    md = [f"# crossling study: {root.name}", "", "```", study_summary(root), "```", ""]
+    md += ["Per-run reports: " + ", ".join(f"[{r.name}](../{r.name}/report/report.html)" for r in runs), ""]
+    if has_dynamics:
+        md += ["## Language specialisation over epochs across runs (Figs 10, 17, 18)", "",
+               "Mean over test languages of the in-language share of each test example's most positive training "
+               "examples, per checkpoint: the fully fine-tuned model, SFT with the language subnetworks, and SFT "
+               "with shuffled subnetworks.", "", "![dynamics](dynamics_across_runs.png)", ""]
+    for item in items:
+        paper = f" ({item['paper']})" if item.get("paper") else ""
+        md += [f"## {item['title']}{paper}", ""]
+        if item.get("png"):
+            md += [f"![{item['title']}](../{item['run_dir']}/report/{item['png']})", ""]
+        if item.get("csv"):
+            md += [f"Data: [{item['csv']}](../{item['run_dir']}/report/{item['csv']})", ""]
+    path = out / "report.md"
+    _write(path, "\n".join(md))
+    _write(out / "report.html", _html(root, md))
+    return path
+
+
+def _html(root: Path, md: list[str]) -> str:
+    """A small self-contained rendering of the markdown above (headings, images, links, code)."""
+    body, in_code = [], False
+    for line in md:
+        if line.startswith("```"):
+            body.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+        elif in_code:
+            body.append(html.escape(line))
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif m := re.fullmatch(r"!\[(.*)\]\((.*)\)", line):
+            body.append(f'<img src="{html.escape(m.group(2))}" alt="{html.escape(m.group(1))}" style="max-width:100%">')
+        elif line:
+            text = html.escape(line)
+            text = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
+            body.append(f"<p>{text}</p>")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>crossling study "
+            f"{html.escape(root.name)}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}"
+            "pre{background:#f4f4f4;padding:8px;font-size:12px}</style></head><body>"
+            + "\n".join(body) + "</body></html>")
