@@ -8,7 +8,9 @@ metrics and every later stage's outputs live under it (see README, "Outputs").
 from __future__ import annotations
 
 import csv
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -17,12 +19,18 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+from analysis.influence_stage import InfluenceError, InfluenceOptions, build_report, run_influence
 from analysis.masks import MaskError
+from analysis.sketch_store import SketchError
 from callbacks.checkpoints import CheckpointError, EpochCheckpoint, list_checkpoints
+from callbacks.fidelity import FidelityOptions, run_fidelity
+from callbacks.sketch_stage import run_sketch_stage
+from callbacks.sketching import SketchOptions
 from callbacks.subnetworks import SubnetworkOptions, find_subnetworks
 from datamodules import DataError, TaskDataModule
 
 from .classifier import SequenceClassifier
+from .explain import example_texts, print_explanation
 
 
 class RunCSVLogger(CSVLogger):
@@ -114,6 +122,53 @@ class CrosslingTrainer(Trainer):
             ckpt_path = str(found[-1][1])
         return find_subnetworks(model, datamodule, run_dir, subnetworks or SubnetworkOptions(), ckpt_path)
 
+    def analyze(
+        self,
+        model: SequenceClassifier,
+        datamodule: TaskDataModule,
+        stages: list[Literal["sketch", "influence", "fidelity", "report"]] | None = None,
+        conditions: list[str] | None = None,
+        compare_to: str | None = None,
+        explain: int | None = None,
+        sketch: SketchOptions | None = None,
+        influence: InfluenceOptions | None = None,
+        fidelity: FidelityOptions | None = None,
+    ) -> None:
+        """Attribute test predictions to training languages with TracIn over the run's checkpoints.
+
+        Args:
+            stages: what to run, in order: ``sketch`` (gradient sketches per checkpoint x mask x split),
+                ``influence`` (top-m rankings and language contributions), ``fidelity`` (sketched vs exact
+                rankings on a sample), ``report`` (figures, tables, report.md/html).
+            conditions: mask conditions: full, own, random<seed>, as-<lang>, union-<a>-<b>, intersect-<a>-<b>.
+            compare_to: another run directory (e.g. the full fine-tuning run of an SFT run) to compare with.
+            explain: print the top training examples of this test example (dataset index) and stop.
+            sketch: the gradient projection (default: the measured-fidelity setting; see README).
+            influence: ranking, bootstrap and report options.
+            fidelity: sample sizes of the fidelity check.
+        """
+        run_dir = Path(self.default_root_dir)
+        stages = list(stages or ["sketch", "influence", "report"])
+        conditions = list(conditions or ["full", "own"])
+        influence = influence or InfluenceOptions()
+        sketch = sketch or SketchOptions()
+        compare = Path(compare_to).expanduser().resolve() if compare_to else None
+        subnetworks_dir = Path(model.hparams.subnetworks) if model.hparams.subnetworks else None
+        if explain is not None:
+            print_explanation(run_dir, conditions[0], explain, example_texts(datamodule))
+            return
+        for stage in stages:
+            print(f"analyze: {stage} ({', '.join(conditions)}) in {run_dir}", flush=True)
+            if stage == "sketch":
+                run_sketch_stage(self, model, datamodule, run_dir, conditions, sketch, subnetworks_dir=subnetworks_dir)
+            elif stage == "influence":
+                run_influence(run_dir, conditions, influence, compare)
+            elif stage == "fidelity":
+                run_fidelity(model, datamodule, run_dir, sketch, fidelity or FidelityOptions(), subnetworks_dir)
+            elif stage == "report" and self.is_global_zero:
+                path = build_report(run_dir, conditions, influence, compare, example_texts(datamodule))
+                print(f"analyze: report written to {path} (and {path.with_suffix('.html')})", flush=True)
+
 
 class RunDirConfig(SaveConfigCallback):
     """Write the resolved config of ``fit`` to ``<run dir>/config.yaml`` (replayable with ``--config``).
@@ -139,6 +194,7 @@ class CrosslingCLI(LightningCLI):
         return {
             **LightningCLI.subcommands(),
             "subnetworks": {"model", "datamodule"},
+            "analyze": {"model", "datamodule"},
         }
 
     def _save_subcommand_config(self) -> None:
@@ -149,6 +205,9 @@ class CrosslingCLI(LightningCLI):
                              overwrite=True, multifile=False)
 
     def before_subnetworks(self) -> None:
+        self._save_subcommand_config()
+
+    def before_analyze(self) -> None:
         self._save_subcommand_config()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -172,11 +231,20 @@ def run_cli(args: list[str] | None = None) -> CrosslingCLI:
     )
 
 
-USER_ERRORS = (DataError, CheckpointError, MaskError, FileNotFoundError)
+USER_ERRORS = (DataError, CheckpointError, MaskError, SketchError, InfluenceError, FileNotFoundError)
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    # Lightning only notes a SIGTERM and carries on; a user's kill should stop the command.
+    # Every stage writes atomically, so re-running the same command resumes where it stopped.
+    print("crossling: stopped by SIGTERM; run the same command again to resume", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         if args and args[0] == "study":
             from .study import study_main

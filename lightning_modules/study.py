@@ -57,6 +57,7 @@ class Stage:
     command: list[str]  # argv of ``crossling``
     depends: list[str]
     resume_fit: Path | None = None  # run dir of a fit stage (resumes from checkpoints/last.ckpt)
+    outputs: list[Path] = field(default_factory=list)  # stale when the stage's inputs change
 
 
 def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
@@ -69,6 +70,10 @@ def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
     return StudyConfig(**raw), path.parent
+
+
+def analysis_outputs(run: Path) -> list[Path]:
+    return [run / name for name in ("sketches", "influence", "fidelity", "report")]
 
 
 def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
@@ -87,26 +92,29 @@ def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
                 f"--stages=[{', '.join(stages)}]", f"--conditions=[{', '.join(conditions)}]", *args, *extra]
 
     stages = [
-        Stage("full", fit(conf["full"], full), [], resume_fit=full),
+        Stage("full", fit(conf["full"], full), [], resume_fit=full, outputs=[full / "checkpoints"]),
         Stage("subnetworks", ["subnetworks", "--config", conf["subnetworks"], f"--trainer.default_root_dir={full}",
                               *extra], ["full"]),
         Stage("natural-analysis", analyze(full, ["sketch", "influence", "report"], cfg.natural_conditions),
-              ["subnetworks"]),
-        Stage("sft", fit(conf["sft"], sft, f"--model.subnetworks={subnetworks_dir}"), ["subnetworks"], resume_fit=sft),
+              ["subnetworks"], outputs=analysis_outputs(full)),
+        Stage("sft", fit(conf["sft"], sft, f"--model.subnetworks={subnetworks_dir}"), ["subnetworks"], resume_fit=sft,
+              outputs=[sft / "checkpoints"]),
     ]
     for seed in cfg.random_seeds:
         run = root / f"sft-random{seed}"
         stages.append(Stage(f"sft-random{seed}", fit(conf["sft"], run, f"--model.subnetworks={subnetworks_dir}",
-                                                      f"--model.random_mask_seed={seed}"), ["subnetworks"], resume_fit=run))
+                                                      f"--model.random_mask_seed={seed}"), ["subnetworks"], resume_fit=run,
+                            outputs=[run / "checkpoints"]))
     masks = f"--model.subnetworks={subnetworks_dir}"
     stages.append(Stage("sft-analysis", analyze(sft, ["sketch", "influence", "report"], cfg.sft_conditions, masks,
-                                                f"--compare_to={full}"), ["sft", "natural-analysis"]))
+                                                f"--compare_to={full}"), ["sft", "natural-analysis"],
+                        outputs=analysis_outputs(sft)))
     for seed in cfg.random_seeds:
         run = root / f"sft-random{seed}"
         stages.append(Stage(f"sft-random{seed}-analysis",
                             analyze(run, ["sketch", "influence", "report"], [f"random{seed}"], masks,
                                     f"--compare_to={full}"),
-                            [f"sft-random{seed}", "natural-analysis"]))
+                            [f"sft-random{seed}", "natural-analysis"], outputs=analysis_outputs(run)))
     stages.append(Stage("report", ["report", str(root)], [s.name for s in stages if s.name.endswith("analysis")]))
     return stages
 
@@ -176,13 +184,14 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
         command = list(stage.command)
         progress = _read_json(markers / f"{stage.name}.started.json")
         resuming = progress is not None and progress.get("fingerprint") == fp and not force
-        if stage.resume_fit is not None:
-            last = stage.resume_fit / "checkpoints" / "last.ckpt"
-            if resuming and last.is_file():
-                command.append(f"--ckpt_path={last}")
-            elif (stage.resume_fit / "checkpoints").exists():
-                # inputs changed: the old checkpoints belong to another model
-                shutil.rmtree(stage.resume_fit / "checkpoints")
+        last = stage.resume_fit / "checkpoints" / "last.ckpt" if stage.resume_fit else None
+        if resuming and last is not None and last.is_file():
+            command.append(f"--ckpt_path={last}")
+        elif not resuming:
+            # the inputs changed (or a forced re-run): earlier outputs belong to another model or setting
+            for path in stage.outputs:
+                if path.exists():
+                    shutil.rmtree(path)
         elapsed = time.monotonic() - started
         left = ""
         if done_seconds:

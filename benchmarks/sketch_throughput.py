@@ -1,0 +1,226 @@
+"""Throughput of crossling's gradient sketching against the obvious alternatives, on one model
+and one batch (sequence length 128, random weights and tokens):
+
+  (a) a training step (train mode, SDPA attention as crossling trains, AdamW),
+  (b) crossling's sketching (``sketch_batch``, default options; also with ``attention="sdpa"`` and
+      with the paper's k=16),
+  (c) a naive per-example loop: one backward per example, flatten the gradient of the same
+      layers, project it with a count-sketch to the same d,
+  (d) an inference-only forward (eval, ``torch.inference_mode``, SDPA; also eager, the attention
+      sketching uses by default),
+
+for the tiny model (hidden 64, 4 layers, 4 heads), a small one (hidden 256, 6 layers, 8 heads)
+and XLM-R base's shape. Each number is the best of several interleaved repetitions (the
+machine is shared; the best run is the least disturbed one); on a busy machine ``--threads 1
+--clock cpu`` times each call by its own CPU time, which other processes do not inflate. The
+last line is ``ratios: sketch/train_step=<b/a tiny> sketch/naive_base=<b/c base>``.
+
+    python benchmarks/sketch_throughput.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from callbacks.sketching import SketchOptions, get_sketcher, sketch_batch  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, vocab_size=8000
+    ),
+    "small": dict(
+        hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=1024, vocab_size=8000
+    ),
+    "base": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        vocab_size=250002,
+    ),
+}
+LENGTH = 128
+
+
+def build(shape: str, seed: int = 0):
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    config = XLMRobertaConfig(
+        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, num_labels=2, **SHAPES[shape]
+    )
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return XLMRobertaForSequenceClassification(config)
+
+
+def make_batch(batch: int, vocab: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, LENGTH), generator=g)
+    ids[:, 0] = 0
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(0, 2, (batch,), generator=g),
+    }
+
+
+class TrainStep:
+    def __init__(self, model, batch):
+        self.model, self.batch = model, batch
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+
+    def __call__(self):
+        self.model.train()
+        logits = self.model(
+            input_ids=self.batch["input_ids"], attention_mask=self.batch["attention_mask"]
+        ).logits
+        loss = F.cross_entropy(logits, self.batch["labels"])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+class NaiveLoop:
+    """One backward per example; the flattened gradient of the sketched layers, count-sketched to d."""
+
+    def __init__(self, model, batch, options: SketchOptions, d: int):
+        self.model, self.batch, self.d = model, batch, d
+        layers = get_sketcher(model, options).layers
+        self.params = [p for _, mod in layers for p in (mod.weight, mod.bias) if p is not None]
+        self.selected = {id(p) for p in self.params}
+        p = sum(t.numel() for t in self.params)
+        rng = np.random.default_rng(0)
+        self.bucket = torch.as_tensor(rng.integers(0, d, p, dtype=np.int32))
+        self.sign = torch.as_tensor(rng.integers(0, 2, p).astype(np.float32) * 2 - 1)
+
+    def __call__(self):
+        model = self.model
+        model.eval()
+        model.set_attn_implementation("eager")
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(id(p) in self.selected)
+        out = []
+        for i in range(self.batch["input_ids"].shape[0]):
+            model.zero_grad(set_to_none=True)
+            logits = model(
+                input_ids=self.batch["input_ids"][i : i + 1],
+                attention_mask=self.batch["attention_mask"][i : i + 1],
+            ).logits
+            F.cross_entropy(logits, self.batch["labels"][i : i + 1], reduction="sum").backward()
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            out.append(torch.zeros(self.d).index_add_(0, self.bucket, flat * self.sign))
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.zero_grad(set_to_none=True)
+        model.set_attn_implementation("sdpa")
+        return torch.stack(out)
+
+
+def forward(model, batch, attention: str = "sdpa"):
+    def run():
+        model.eval()
+        model.set_attn_implementation(attention)
+        with torch.inference_mode():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        model.set_attn_implementation("sdpa")
+
+    return run
+
+
+def measure(fns: dict, reps: int, clock=time.perf_counter) -> dict[str, float]:
+    """Best seconds per call of each function, interleaved so that load hits them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            best[name] = min(best[name], clock() - start)
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (< 3 min on 2 cores)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: this thread's CPU time (needs --threads 1; robust on a shared machine)",
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        parser.error("--clock cpu measures one thread: add --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    options = SketchOptions()
+    variants = {"sdpa": replace(options, attention="sdpa"), "paper": SketchOptions(k=16)}
+    plan = {  # batch size, repetitions (quick, full)
+        "tiny": (32, 3, 8),
+        "small": (16, 3, 6),
+        "base": (4, 1, 3),
+    }
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, sequence length {LENGTH}"
+    )
+    print(f"sketch: default {options}; sdpa: the same with attention='sdpa'; paper: k=16 (d=256)")
+    print(
+        f"{'model':<6}{'batch':>6}{'train':>8}{'sketch':>8}{'sdpa':>8}{'paper':>8}{'naive':>8}{'fwd':>8}"
+        f"{'fwd-eag':>8}{'sk/train':>10}{'sk/naive':>10}{'sk/fwd':>8}  (examples/s; ratios of the default)",
+        flush=True,
+    )
+    results = {}
+    for shape in args.models:
+        size, quick_reps, full_reps = plan[shape]
+        model = build(shape)
+        batch = make_batch(size, SHAPES[shape]["vocab_size"])
+        d = get_sketcher(model, options).dim
+        naive_batch = {k: v[: max(1, size // 2)] for k, v in batch.items()}
+        fns = {
+            "train": TrainStep(model, batch),
+            "sketch": lambda m=model, b=batch: sketch_batch(m, None, b, None, options),
+            **{
+                name: (lambda m=model, b=batch, o=o: sketch_batch(m, None, b, None, o))
+                for name, o in variants.items()
+            },
+            "naive": NaiveLoop(model, naive_batch, options, d),
+            "fwd": forward(model, batch),
+            "fwd-eager": forward(model, batch, "eager"),
+        }
+        seconds = measure(fns, quick_reps if args.quick else full_reps, clock)
+        r = {
+            name: (len(naive_batch["labels"]) if name == "naive" else size) / s for name, s in seconds.items()
+        }
+        results[shape] = r
+        print(
+            f"{shape:<6}{size:>6}"
+            + "".join(f"{r[n]:>8.1f}" for n in fns)
+            + f"{r['sketch'] / r['train']:>10.2f}{r['sketch'] / r['naive']:>10.2f}{r['sketch'] / r['fwd']:>8.2f}"
+            f"   sdpa: {r['sdpa'] / r['train']:.2f} {r['sdpa'] / r['naive']:.2f} {r['sdpa'] / r['fwd']:.2f}",
+            flush=True,
+        )
+        del model, fns
+    tiny, base = results.get("tiny"), results.get("base")
+    a = f"{tiny['sketch'] / tiny['train']:.2f}" if tiny else "nan"
+    c = f"{base['sketch'] / base['naive']:.2f}" if base else "nan"
+    print(f"ratios: sketch/train_step={a} sketch/naive_base={c}")
+
+
+if __name__ == "__main__":
+    main()

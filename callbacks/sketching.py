@@ -1,0 +1,416 @@
+"""Per-example loss-gradient sketches (TracIn's random projections) that never materialise a
+per-example gradient.
+
+For an ``nn.Linear`` ``y = W x + b`` applied to the tokens ``t`` of one example, the loss gradient
+of ``W̃ = [W b]`` is ``Σ_t ∇y_t x̃_tᵀ`` with ``x̃ = [x; 1]`` (the constant 1 carries the bias). Its
+Kronecker projection ``G1 ∇W̃ G2ᵀ = Σ_t (G1 ∇y_t)(G2 x̃_t)ᵀ`` needs only two thin matmuls per
+token (k columns each) and a k×k outer-product sum per example, instead of an out×in matrix per
+example. A forward hook projects ``x`` as the layer runs; a tensor hook on the layer's output
+folds ``∇y`` in as soon as one backward pass of the summed (unreduced) per-example losses
+produces it. Every parameter is frozen meanwhile, so no weight gradient is ever computed, and the
+graph starts at the lowest sketched layer. In eval mode (no dropout) the examples of a batch do
+not interact, so that one backward pass yields every example's own gradient.
+
+The projection of layer ``l`` is ``S_l = (1/√r) Σ_j G1_lj ⊗ G2_lj`` (``r`` = ``pairs``), entries
+N(0, 1/k), so ``E[S_lᵀ S_l] = I`` and ``⟨S_l a, S_l b⟩`` is an unbiased estimate of ``⟨a, b⟩``
+whatever the layer's shape. Summing the layers' sketches (``combine="sum"``) with independent
+matrices is again an unbiased projection of the whole concatenated gradient (the cross-layer terms
+have mean zero), so one d = k² vector per example holds every layer. Matrices are drawn from a
+seed derived from (layer name, side, pair, seed), so train and test sketches and every checkpoint
+use the same ones in any process, and they are never larger than k·r × (in + 1).
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from contextlib import contextmanager, nullcontext
+from dataclasses import astuple, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from analysis.masks import name_seed
+
+# Identifies how the random matrices are drawn; recorded in every sidecar.
+GENERATOR = "numpy-pcg64-standard_normal-float64"
+DEFAULT_LAYER_PATTERNS = (r"(^|\.)encoder\.", r"(^|\.)classifier\.")
+
+
+@dataclass
+class SketchOptions:
+    """How per-example gradients are projected.
+
+    The default (k=32, one pair, summed: d=1024) is the cheapest setting that kept recall@100 of
+    the exact cosine-TracIn top-100 sets (positive and negative) at or above 0.8 in
+    ``benchmarks/sketch_fidelity.py`` (tiny model, 10K training examples: 0.84 after fine-tuning the
+    pretrained tiny encoder, 0.92 on the demo run); the paper's setting, ``k=16`` (d=256), measured
+    0.80 and 0.88 there and is one option away (``--sketch.k 16``).
+
+    Args:
+        kind: ``kronecker`` (random projection) or ``exact`` (the flattened per-example gradient of
+            the selected layers itself, weight then bias per layer; small models only, to measure fidelity).
+        k: rows of each side's Gaussian matrix; a layer's sketch is k×k (d = k² when summed).
+        pairs: independent Kronecker pairs summed per layer (scaled 1/√pairs): same d, lower variance.
+        combine: ``sum`` (layers' sketches added: d = k²) or ``concat`` (side by side: d = layers·k²).
+        seed: projection seed; each matrix is seeded from (layer name, side, pair, seed).
+        layers: regular expressions searched in module names (e.g. ``roberta.encoder.layer.3.``); an
+            ``nn.Linear`` is sketched when any matches. None: every linear layer of the encoder and the
+            classification head.
+        attention: attention kernel while sketching: ``eager`` (plain math, the reference) or ``sdpa``
+            (PyTorch's fused kernel: the same per-example gradients up to float rounding on CPU, where it
+            is faster; the values do not depend on this choice beyond rounding).
+    """
+
+    kind: Literal["kronecker", "exact"] = "kronecker"
+    k: int = 32
+    pairs: int = 1
+    combine: Literal["sum", "concat"] = "sum"
+    seed: int = 0
+    layers: list[str] | None = None
+    attention: Literal["eager", "sdpa"] = "eager"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("kronecker", "exact"):
+            raise ValueError(f"sketch kind must be 'kronecker' or 'exact', found {self.kind!r}")
+        if self.combine not in ("sum", "concat"):
+            raise ValueError(f"sketch combine must be 'sum' or 'concat', found {self.combine!r}")
+        if self.attention not in ("eager", "sdpa"):
+            raise ValueError(f"sketch attention must be 'eager' or 'sdpa', found {self.attention!r}")
+        if self.k < 1 or self.pairs < 1:
+            raise ValueError(f"sketch k and pairs must be >= 1, found k={self.k}, pairs={self.pairs}")
+
+    def projection_record(self) -> dict:
+        """The sidecar's ``projection`` entry: everything that fixes the sketch's values."""
+        if self.kind == "exact":
+            return {
+                "kind": "exact",
+                "k": None,
+                "seed": self.seed,
+                "combine": "concat",
+                "pairs": None,
+                "generator": None,
+                "bias": "last column",
+            }
+        return {
+            "kind": "kronecker",
+            "k": self.k,
+            "seed": self.seed,
+            "combine": self.combine,
+            "pairs": self.pairs,
+            "generator": GENERATOR,
+            "bias": "x extended with a constant 1",
+        }
+
+
+# -- layers and matrices ------------------------------------------------------------------------
+def select_layers(model: nn.Module, patterns: list[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` modules to sketch, in module order, as (name, module)."""
+    linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    regexes = [re.compile(p) for p in (patterns if patterns is not None else DEFAULT_LAYER_PATTERNS)]
+    chosen = [(name, mod) for name, mod in linears if any(r.search(name) for r in regexes)]
+    if not chosen:
+        names = ", ".join(name for name, _ in linears[:8])
+        raise ValueError(
+            f"sketch layers {patterns!r} match no nn.Linear of the model; its linear layers are named like: {names}"
+        )
+    return chosen
+
+
+def layer_parameter_count(layer: nn.Linear) -> int:
+    return layer.out_features * layer.in_features + (layer.out_features if layer.bias is not None else 0)
+
+
+def sketch_dim(layers: list[tuple[str, nn.Linear]], options: SketchOptions) -> int:
+    """d: the length of one example's sketch."""
+    if options.kind == "exact":
+        return sum(layer_parameter_count(mod) for _, mod in layers)
+    per_layer = options.k * options.k
+    return per_layer if options.combine == "sum" else per_layer * len(layers)
+
+
+def gaussian(name: str, side: str, pair: int, seed: int, rows: int, cols: int) -> np.ndarray:
+    """Standard normal (rows, cols) float64 drawn from a seed derived from names only."""
+    rng = np.random.default_rng(name_seed("sketch", name, side, pair, seed))
+    return rng.standard_normal((rows, cols))
+
+
+def projection_matrices(name: str, out_features: int, in_features: int, bias: bool, options: SketchOptions):
+    """(G1, G2) of one layer, float64 numpy: G1 (pairs·k, out), G2 (pairs·k, in [+1 for the bias]).
+
+    Pair ``j`` is rows ``j·k:(j+1)·k``. Entries are N(0, 1/k) on both sides, G1 additionally scaled
+    by 1/√pairs, so that the summed Kronecker product S satisfies E[SᵀS] = I.
+    """
+    k, r = options.k, options.pairs
+    cols2 = in_features + (1 if bias else 0)
+    g1 = np.concatenate([gaussian(name, "out", j, options.seed, k, out_features) for j in range(r)])
+    g2 = np.concatenate([gaussian(name, "in", j, options.seed, k, cols2) for j in range(r)])
+    return g1 / np.sqrt(k * r), g2 / np.sqrt(k)
+
+
+# -- the engine ------------------------------------------------------------------------------------
+class _Hooks:
+    """Forward hooks on the selected layers. Each call's output is made to require grad when
+    nothing upstream does (parameters are frozen, so the graph starts at the lowest sketched
+    layer), and ``on_call(layer index, input, output)`` sees every call."""
+
+    def __init__(self, layers: list[tuple[str, nn.Linear]], on_call):
+        self.index = {id(mod): i for i, (_, mod) in enumerate(layers)}
+        self.on_call = on_call
+        self.roots: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+        self._layers = layers
+
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not output.requires_grad:
+            output.requires_grad_()
+            self.roots.append(output)
+        self.outputs.append(output)
+        self.on_call(self.index[id(module)], args[0], output)
+
+    @contextmanager
+    def installed(self):
+        handles = [mod.register_forward_hook(self.hook) for _, mod in self._layers]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _forward_losses(model, gates, batch: dict, head_mask, hooks: _Hooks):
+    """Logits and per-example (unreduced) cross-entropy of one batch, with the hooks installed."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    if head_mask is not None and gates is None:
+        raise ValueError("a head mask needs the model's HeadGates (gates=None cannot apply it)")
+    with hooks.installed():
+        gating = gates.applied(head_mask, input_ids.shape[0]) if gates is not None else nullcontext()
+        with gating:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits, F.cross_entropy(logits, batch["labels"], reduction="none")
+
+
+def _token_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    # padded tokens get exactly zero gradient through the attention mask; the explicit mask is a guard
+    return None if bool(attention_mask.all()) else attention_mask.to(dtype)
+
+
+@dataclass
+class Captured:
+    """One batch's forward/backward kept whole: per call of a selected layer (layer index, input x),
+    its output gradient ∇y, the token mask, the per-example losses and the logits. For comparing
+    several projections of the same gradients (``Sketcher.project``); ``sketch_batch`` streams instead."""
+
+    layers: list[tuple[str, nn.Linear]]
+    records: list[tuple[int, torch.Tensor]]
+    grads: list[torch.Tensor | None]
+    token_mask: torch.Tensor | None
+    losses: torch.Tensor
+    logits: torch.Tensor
+
+
+def capture_gradients(
+    model: nn.Module,
+    gates,
+    batch: dict,
+    head_mask: torch.Tensor | None,
+    layers: list[tuple[str, nn.Linear]],
+    attention: str = "eager",
+) -> Captured:
+    """Forward the batch with hooks on ``layers``, then one backward of the summed per-example
+    losses to the layers' outputs (parameters frozen: no weight gradient is computed)."""
+    records: list[tuple[int, torch.Tensor]] = []
+    hooks = _Hooks(layers, lambda i, x, y: records.append((i, x)))
+    with sketching_mode(model, attention), torch.enable_grad():
+        logits, losses = _forward_losses(model, gates, batch, head_mask, hooks)
+        grads = torch.autograd.grad(losses.sum(), hooks.outputs, allow_unused=True)
+    token_mask = _token_mask(batch["attention_mask"], logits.dtype)
+    return Captured(layers, records, list(grads), token_mask, losses.detach(), logits.detach())
+
+
+@contextmanager
+def sketching_mode(model: nn.Module, attention: str = "eager"):
+    """Eval mode (no dropout), the given attention kernel (eager by default: exact, batch-invariant
+    per-example gradients) and frozen parameters (no weight gradients) for the duration;
+    re-entrant; restores everything."""
+    from lightning_modules.backbones import set_attention_implementation
+
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    switch = current is not None and current != attention
+    if getattr(model, "_crossling_sketching", False):
+        if switch:
+            set_attention_implementation(model, attention)
+        try:
+            yield
+        finally:
+            if switch:
+                set_attention_implementation(model, current)
+        return
+    was_training = model.training
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    model.eval()
+    if switch:
+        set_attention_implementation(model, attention)
+    for p in params:
+        p.requires_grad_(False)
+    model._crossling_sketching = True
+    try:
+        yield
+    finally:
+        model._crossling_sketching = False
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        if switch:
+            set_attention_implementation(model, current)
+        model.train(was_training)
+
+
+class Sketcher:
+    """Sketches batches of one model with fixed options; holds the layers and their matrices."""
+
+    def __init__(self, model: nn.Module, options: SketchOptions):
+        self.options = options
+        self.layers = select_layers(model, options.layers)
+        self.names = [name for name, _ in self.layers]
+        self.dim = sketch_dim(self.layers, options)
+        self._matrices: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._offsets = np.cumsum([0] + [layer_parameter_count(mod) for _, mod in self.layers]).tolist()
+
+    def matrices(self, device: torch.device, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (G1ᵀ (out, r·k), G2ᵀ (in + 1, r·k)) on device; the last row of G2ᵀ multiplies the
+        constant 1 (zeros for a layer without bias)."""
+        key = (str(device), dtype)
+        if key not in self._matrices:
+            mats = []
+            for name, mod in self.layers:
+                bias = mod.bias is not None
+                g1, g2 = projection_matrices(name, mod.out_features, mod.in_features, bias, self.options)
+                if not bias:
+                    g2 = np.concatenate([g2, np.zeros((g2.shape[0], 1))], axis=1)
+                mats.append(
+                    (
+                        torch.as_tensor(g1.T.copy(), dtype=dtype, device=device),
+                        torch.as_tensor(g2.T.copy(), dtype=dtype, device=device),
+                    )
+                )
+            self._matrices[key] = mats
+        return self._matrices[key]
+
+    def __call__(self, model: nn.Module, gates, batch: dict, head_mask: torch.Tensor | None = None):
+        """(sketches (B, d), per-example loss (B,), argmax prediction (B,)) of one batch.
+
+        Streams: a forward hook projects each layer's input as the layer runs, a tensor hook folds
+        the output gradient into the sketches as soon as the backward pass produces it, so neither
+        inputs nor output gradients outlive their use (less memory, and freed buffers are reused).
+        """
+        ids = batch["input_ids"]
+        out: torch.Tensor | None = None
+        token_mask: torch.Tensor | None = None
+
+        def on_call(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+            nonlocal out, token_mask
+            if out is None:
+                out = self._empty(ids.shape[0], x.device, x.dtype)
+                token_mask = _token_mask(batch["attention_mask"], x.dtype)
+            held = [self._input_state(i, x.detach())]  # dropped as soon as the gradient is folded in
+            y.register_hook(lambda g: self._fold(i, held.pop(), g, token_mask, out))
+
+        hooks = _Hooks(self.layers, on_call)
+        with sketching_mode(model, self.options.attention), torch.enable_grad():
+            logits, losses = _forward_losses(model, gates, batch, head_mask, hooks)
+            if out is None:
+                raise RuntimeError(
+                    f"none of the sketched layers ran in the forward pass ({self.names[:3]} ...)"
+                )
+            # differentiating to the roots runs every backward node above them, hence every hook
+            torch.autograd.grad(losses.sum(), hooks.roots or hooks.outputs, allow_unused=True)
+        return out.reshape(ids.shape[0], -1), losses.detach(), logits.detach().argmax(-1)
+
+    def project(self, captured: Captured) -> torch.Tensor:
+        """The sketches of a kept-whole capture (several Sketchers of the same layers can project one
+        capture, e.g. to compare settings); equal to what ``__call__`` streams."""
+        if [name for name, _ in captured.layers] != self.names:
+            raise ValueError("this capture holds other layers than the sketcher's")
+        batch = captured.losses.shape[0]
+        ref = captured.records[0][1]
+        out = self._empty(batch, ref.device, ref.dtype)
+        with torch.no_grad():
+            for (i, x), g in zip(captured.records, captured.grads):
+                if g is not None:
+                    self._fold(i, self._input_state(i, x), g, captured.token_mask, out)
+        return out.reshape(batch, -1)
+
+    def _empty(self, batch: int, device, dtype) -> torch.Tensor:
+        if self.options.kind == "exact":
+            return torch.zeros((batch, self.dim), device=device, dtype=dtype)
+        k = self.options.k
+        return torch.zeros(
+            (batch, len(self.layers) if self.options.combine == "concat" else 1, k, k),
+            device=device,
+            dtype=dtype,
+        )
+
+    def _input_state(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """What the backward step needs from a layer's input: [x; 1] G2ᵀ (B, T, r·k), or x itself (exact)."""
+        if x.dim() == 2:
+            x = x[:, None]
+        if self.options.kind == "exact":
+            return x
+        g2t = self.matrices(x.device, x.dtype)[i][1]
+        return torch.addmm(g2t[-1], x.reshape(-1, x.shape[-1]), g2t[:-1]).view(*x.shape[:2], -1)
+
+    def _fold(self, i: int, state: torch.Tensor, g: torch.Tensor, token_mask, out: torch.Tensor) -> None:
+        """Add one layer call's contribution: Σ_t (G1 ∇y_t)(G2 x̃_t)ᵀ per example (or ∇W, ∇b exactly)."""
+        with torch.no_grad():
+            if g.dim() == 2:
+                g = g[:, None]
+            masked = token_mask is not None and g.shape[1] == token_mask.shape[1]
+            batch = g.shape[0]
+            if self.options.kind == "exact":
+                if masked:
+                    g = g * token_mask[..., None]  # padding contributes nothing
+                mod = self.layers[i][1]
+                start, w_end = self._offsets[i], self._offsets[i] + mod.out_features * mod.in_features
+                out[:, start:w_end] += torch.bmm(g.transpose(1, 2), state).reshape(batch, -1)
+                if mod.bias is not None:
+                    out[:, w_end : self._offsets[i + 1]] += g.sum(1)
+                return
+            k = self.options.k
+            a = g @ self.matrices(g.device, g.dtype)[i][0]  # (B, T, r·k)
+            if masked:
+                a = a * token_mask[..., None]  # padding contributes nothing
+            # pairs join the token axis of the outer-product sum
+            target = out[:, i] if self.options.combine == "concat" else out[:, 0]
+            target.baddbmm_(a.reshape(batch, -1, k).transpose(1, 2), state.reshape(batch, -1, k))
+
+
+_SKETCHERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def get_sketcher(model: nn.Module, options: SketchOptions) -> Sketcher:
+    """The model's Sketcher for these options (cached, so matrices are generated once)."""
+    per_model = _SKETCHERS.setdefault(model, {})
+    key = tuple(tuple(v) if isinstance(v, list) else v for v in astuple(options))
+    if key not in per_model:
+        per_model[key] = Sketcher(model, options)
+    return per_model[key]
+
+
+def sketch_batch(
+    model: nn.Module, gates, batch: dict, head_mask: torch.Tensor | None, options: SketchOptions
+):
+    """Sketch one batch: returns (sketches (B, d), unreduced CE loss (B,), prediction (B,)).
+
+    Args:
+        model: a transformers sequence classifier (``SequenceClassifier.model``).
+        gates: its ``HeadGates`` (or None when no head mask is used).
+        batch: dict with ``input_ids``, ``attention_mask``, ``labels`` (as the datamodules collate).
+        head_mask: None, an L×H mask, or a per-example B×L×H mask (mixed-language batches in one pass).
+        options: the projection.
+    """
+    return get_sketcher(model, options)(model, gates, batch, head_mask)

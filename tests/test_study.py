@@ -1,0 +1,156 @@
+"""The whole study in one command: every stage runs, an interrupted study resumes to the same
+outputs, and a changed option re-runs only the stages that depend on it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.helpers import REPO, cli_env
+
+STAGES = ["full", "subnetworks", "natural-analysis", "sft", "sft-random0", "sft-analysis",
+          "sft-random0-analysis", "report"]
+
+
+def write_study(tmp: Path, root: Path, k: int = 8) -> Path:
+    """A study on a few batches of the random tiny model; its own analyze config (small sketches)."""
+    analyze = yaml.safe_load((REPO / "configs/demo/pawsx-analyze.yaml").read_text())
+    analyze["sketch"]["k"] = k
+    analyze["influence"].update(m=10, bootstrap_resamples=50)
+    (tmp / "analyze.yaml").write_text(yaml.safe_dump(analyze))
+    study = {
+        "root": str(root),
+        "full": str(REPO / "configs/demo/pawsx-full.yaml"),
+        "subnetworks": str(REPO / "configs/demo/pawsx-subnetworks.yaml"),
+        "sft": str(REPO / "configs/demo/pawsx-sft.yaml"),
+        "analyze": str(tmp / "analyze.yaml"),
+        "random_seeds": [0],
+        "natural_conditions": ["full", "own", "random0", "as-en"],
+        "sft_conditions": ["own"],
+        "overrides": [
+            "--model.backbone=tiny-random",
+            "--data.init_args.languages=[en, de, ko]",
+            "--data.init_args.train_per_language=48",
+            "--data.init_args.dev_per_language=16",
+            "--data.init_args.test_per_language=12",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.eval_batch_size=16",
+            "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false",
+        ],
+    }
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def study(config: Path, *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lightning_modules.cli", "study", "--config", str(config), *args],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+def run_study(config: Path, *args: str) -> str:
+    proc = study(config, *args)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def content(path: Path) -> bytes:
+    """A file's result content, without the places where a study records its own location
+    (checkpoint hyper-parameters name the subnetworks folder; fingerprints follow from them)."""
+    if path.suffix == ".ckpt":
+        state = torch.load(path, weights_only=True)["state_dict"]
+        return b"".join(k.encode() + v.numpy().tobytes() for k, v in sorted(state.items()))
+    if path.suffix == ".npz":
+        arrays = np.load(path, allow_pickle=False)
+        return b"".join(k.encode() + arrays[k].tobytes() for k in sorted(arrays.files) if k != "meta")
+    if path.suffix == ".json":
+        record = json.loads(path.read_bytes())
+        for key in ("checkpoint", "checkpoint_fingerprint"):
+            record.pop(key, None)
+        return json.dumps(record, sort_keys=True).encode()
+    return path.read_bytes()
+
+
+def digests(root: Path) -> dict[str, str]:
+    """Content hashes of every output a study's result depends on (no logs, no timings)."""
+    out = {}
+    for pattern in ("*/checkpoints/epoch=*.ckpt", "*/subnetworks/*.json", "*/sketches/**/*.npy",
+                    "*/influence/*/topk.npz", "*/influence/*/contributions.csv", "*/accuracy/accuracy.csv"):
+        for path in root.glob(pattern):
+            out[str(path.relative_to(root))] = hashlib.sha256(content(path)).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, str, Path]:
+    tmp = tmp_path_factory.mktemp("study")
+    config = write_study(tmp, tmp / "runs")
+    return tmp / "runs", run_study(config), config
+
+
+def test_study_runs_every_stage_and_writes_the_report(finished):
+    root, out, _ = finished
+    for stage in STAGES:
+        assert (root / ".study" / f"{stage}.json").is_file(), f"stage {stage} has no completion marker"
+    assert (root / "report" / "report.html").is_file() and (root / "report" / "report.md").is_file()
+    for run in ("full", "sft", "sft-random0"):
+        assert (root / run / "report" / "report.md").is_file(), run
+    assert sorted(p.stem for p in (root / "full" / "subnetworks").glob("*.json")) == ["de", "en", "ko"]
+    assert (root / "sft" / "accuracy" / "accuracy.csv").is_file()
+    assert "crossling study summary" in out and str(root / "report") in out
+
+
+def test_rerunning_a_finished_study_skips_every_stage(finished):
+    root, _, config = finished
+    before = digests(root)
+    out = run_study(config)
+    for stage in STAGES:
+        assert f"{stage}: done" in out, f"{stage} was not skipped"
+    assert digests(root) == before
+
+
+def test_killed_during_sketching_resumes_to_identical_outputs(finished, tmp_path):
+    reference, _, _ = finished
+    root = tmp_path / "runs"
+    config = write_study(tmp_path, root)
+    proc = study(config)
+    sketches = root / "full" / "sketches"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (root / ".study" / "natural-analysis.started.json").exists() and any(sketches.glob("epoch=0/*/*.npy")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the study ended before its sketch stage could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert not (root / ".study" / "natural-analysis.json").exists(), "the sketch stage had already finished"
+    out = run_study(config)
+    assert "natural-analysis (resuming)" in out
+    assert "full: done" in out and "subnetworks: done" in out
+    assert digests(root) == digests(reference)
+
+
+def test_a_changed_option_reruns_only_its_dependents(finished, tmp_path):
+    # runs last: it changes the finished study (smaller sketches), which the tests above compare against
+    root, _, config = finished
+    write_study(config.parent, root, k=4)
+    out = run_study(config)
+    for stage in ("full", "subnetworks", "sft", "sft-random0"):
+        assert f"{stage}: done" in out, f"{stage} should not re-run when only the analysis changed"
+    for stage in ("natural-analysis", "sft-analysis", "sft-random0-analysis", "report"):
+        assert f"] {stage}" in out and f"{stage}: done" not in out, f"{stage} should re-run"
+    sidecar = json.loads((root / "full/sketches/epoch=0/full/train.json").read_text())
+    assert sidecar["d"] == 16
