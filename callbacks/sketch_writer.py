@@ -75,7 +75,8 @@ class SketchTarget:
     def is_finished(self) -> bool:
         """True when the file and its sidecar exist, hold these rows (or more) and match the identity.
 
-        A finished file written with other options or another model is refused with a message naming it.
+        A finished file written with other options or another model is refused with a message naming
+        it; one that lacks some of the rows is rewritten with the rows this run needs.
         """
         side = self.sidecar_path
         tmp = side.with_name(side.name + ".final")
@@ -92,11 +93,8 @@ class SketchTarget:
             same_model=True,
         )
         held = np.asarray(existing["indices"], dtype=np.int64)
-        missing = np.setdiff1d(self.indices, held)
-        if missing.size:
-            # needs rows the file lacks (a condition added later): rewrite it with both sets of rows
-            self.indices = np.union1d(self.indices, held)
-            return False
+        if np.setdiff1d(self.indices, held).size:
+            return False  # needs rows the file lacks (a condition added later): it is rewritten
         for stale in self.npy.parent.glob(f"{self.split}.*partial*"):  # a finish killed while tidying up
             stale.unlink(missing_ok=True)
         return True

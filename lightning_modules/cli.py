@@ -34,10 +34,11 @@ from .explain import example_texts, print_explanation
 
 
 class RunCSVLogger(CSVLogger):
-    """CSV metrics in ``<run dir>/logs/metrics.csv``; a resumed fit keeps the earlier epochs' rows
-    (Lightning's logger would delete the file)."""
+    """CSV metrics in ``<run dir>/logs/metrics.csv``. Only a fresh fit starts the file anew: a resumed
+    fit, and every other subcommand (analyze predicts, validate/test append), keep the rows that
+    are there (Lightning's logger would delete the file)."""
 
-    keep_previous = False
+    keep_previous = True
 
     @property
     @rank_zero_experiment
@@ -95,10 +96,9 @@ class CrosslingTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None, **kwargs):
-        if ckpt_path is not None:
-            for logger in self.loggers:
-                if isinstance(logger, RunCSVLogger):
-                    logger.keep_previous = True
+        for logger in self.loggers:
+            if isinstance(logger, RunCSVLogger):
+                logger.keep_previous = ckpt_path is not None
         return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
 
     def subnetworks(

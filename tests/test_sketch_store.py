@@ -352,3 +352,19 @@ def test_fit_callback_writes_full_sketches_equal_to_the_stage(tmp_path):
     assert not np.allclose(
         epoch0, load_sketches(fit_dir, 1, "full", "train")[0]
     )  # weights moved between epochs
+
+
+def test_a_condition_added_later_rewrites_only_the_files_that_lack_rows(tmp_path, dm3):
+    run_dir = make_run_dir(tmp_path / "run", dm3.languages, epochs=1)
+    run_stage(run_dir, dm3, conditions=["own"])
+    old_rows, de_test = load_sketches(run_dir, 0, "de", "test")
+    old_rows = np.array(old_rows)  # a copy: the file is replaced below
+    assert set(de_test["langs"]) == {"de"}
+    before = {k: sketch_paths(run_dir, *k)[0].stat().st_mtime_ns for k in list_sketches(run_dir)}
+    run_stage(run_dir, dm3, conditions=["own", "as-de"])  # every test language now needs the de mask
+    array, side = load_sketches(run_dir, 0, "de", "test")
+    assert set(side["langs"]) == {"en", "de", "ko"} and array.shape[0] == len(dm3.dataset("test"))
+    rows = [side["indices"].index(i) for i in de_test["indices"]]
+    np.testing.assert_allclose(array[rows], old_rows, rtol=1e-5, atol=1e-6)  # the de rows are the same
+    after = {k: sketch_paths(run_dir, *k)[0].stat().st_mtime_ns for k in before}
+    assert [k for k in before if before[k] != after[k]] == [(0, "de", "test")]

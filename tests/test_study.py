@@ -110,6 +110,9 @@ def test_study_runs_every_stage_and_writes_the_report(finished):
         assert (root / run / "report" / "report.md").is_file(), run
     assert sorted(p.stem for p in (root / "full" / "subnetworks").glob("*.json")) == ["de", "en", "ko"]
     assert (root / "sft" / "accuracy" / "accuracy.csv").is_file()
+    # analysing a run (trainer.predict) must not wipe the metrics its fit logged
+    assert "val/acc_en" in (root / "full" / "logs" / "metrics.csv").read_text()
+    assert "dev acc" in out and "majority" in out
     assert "crossling study summary" in out and str(root / "report") in out
 
 
