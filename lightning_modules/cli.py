@@ -11,6 +11,7 @@ import csv
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -216,6 +217,9 @@ class CrosslingCLI(LightningCLI):
 
 
 def run_cli(args: list[str] | None = None) -> CrosslingCLI:
+    if args is not None:
+        # the study runs stages in-process: make sys.argv agree with the stage's arguments
+        sys.argv = [sys.argv[0], *args]
     return CrosslingCLI(
         SequenceClassifier,
         TaskDataModule,
@@ -241,8 +245,18 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+QUIET = [
+    # known, harmless library notices that would bury crossling's own progress lines
+    ".*isinstance\\(treespec, LeafSpec\\).*",
+    ".*custom batch sampler.*for prediction.*",
+    ".*Experiment logs directory .* exists and is not empty.*",
+]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
