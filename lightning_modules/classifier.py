@@ -16,6 +16,7 @@ from analysis.masks import load_subnetworks, shuffle_mask
 
 from .backbones import build_classifier
 from .gates import HeadGates, disabled_parameter_masks
+from .optim import configure_adamw
 
 
 class SequenceClassifier(pl.LightningModule):
@@ -146,27 +147,8 @@ class SequenceClassifier(pl.LightningModule):
             self._frozen_snapshot = None
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.dim() < 2 or "LayerNorm" in name else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.learning_rate,
-        )
-        if self.hparams.schedule == "constant" and self.hparams.warmup_ratio == 0:
-            return optimizer
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_ratio * total)
-        linear = self.hparams.schedule == "linear"
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup)) if linear else 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        return configure_adamw(self, hp.learning_rate, hp.weight_decay, hp.warmup_ratio, hp.schedule)
 
     # -- evaluation ------------------------------------------------------------------------
     def _eval_step(self, batch, stage: str):

@@ -33,6 +33,7 @@ from datamodules.sources import read_bundled
 from datamodules.tasks import TASKS
 
 from .backbones import TINY_ASSETS, TINY_CONFIG, load_backbone_tokenizer
+from .optim import configure_adamw
 
 PRETRAIN_TASKS: dict[str, tuple[str, ...]] = {
     task: TASKS[task].default_languages for task in ("pawsx", "xnli")
@@ -571,27 +572,8 @@ class MaskedLMPretrainer(pl.LightningModule):
                 self.log(f"val/{name}_loss", float(sums[kind] / counts[kind]), rank_zero_only=True)
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.dim() < 2 or "LayerNorm" in name else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.hparams.learning_rate,
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_ratio * total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        return configure_adamw(self, hp.learning_rate, hp.weight_decay, hp.warmup_ratio, "linear")
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:

@@ -1,0 +1,33 @@
+"""AdamW with the usual transformer fine-tuning split (no weight decay on biases and layer
+norms) and a linear warm-up, then linear decay or a constant rate — shared by fine-tuning and
+pretraining so both train the same way."""
+
+from __future__ import annotations
+
+import torch
+
+
+def configure_adamw(module, learning_rate: float, weight_decay: float, warmup_ratio: float = 0.0,
+                    schedule: str = "linear"):
+    """The optimizer (and per-step scheduler) for ``configure_optimizers`` of a LightningModule."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.dim() < 2 or "LayerNorm" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=learning_rate,
+    )
+    if schedule == "constant" and warmup_ratio == 0:
+        return optimizer
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    warmup = int(warmup_ratio * total)
+    linear = schedule == "linear"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup)) if linear else 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
