@@ -167,6 +167,9 @@ class CrosslingTrainer(Trainer):
             elif stage == "fidelity":
                 run_fidelity(model, datamodule, run_dir, sketch, fidelity or FidelityOptions(), subnetworks_dir)
             elif stage == "report" and self.is_global_zero:
+                for logger in self.loggers:
+                    if type(logger).__name__ == "WandbLogger":
+                        _ = logger.experiment  # start the W&B run so the report's figures are logged to it
                 path = build_report(run_dir, conditions, influence, compare, example_texts(datamodule))
                 print(f"analyze: report written to {path} (and {path.with_suffix('.html')})", flush=True)
 
