@@ -47,14 +47,17 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     series: dict[str, dict[int, list[float]]] = {}
     for row in rows:
-        own = (row["run_dir"] == "full" and row["condition"] == "full") or row["run_dir"] != "full"
-        if not own:
+        run = row["run_dir"]
+        own_rows = row["run"].split("/")[-1] == run  # a report also lists the run it was compared with
+        primary = {"full": "full", "sft": "own"}.get(run, run.removeprefix("sft-"))
+        if not own_rows or row["condition"] != primary:
             continue
-        label = f"{row['run_dir']} ({row['condition']})"
+        label = f"{run} ({row['condition']})"
         series.setdefault(label, {}).setdefault(int(row["epoch"]), []).append(float(row["in_language_percent"]))
     if not series:
         return False
@@ -64,7 +67,8 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
         ax.plot([e + 1 for e in epochs], [np.mean(by_epoch[e]) for e in epochs], marker="o", label=label)
     ax.set_xlabel("epoch (checkpoint)")
     ax.set_ylabel("in-language share of top-m (%)")
-    ax.set_title("Language specialisation over training: full FT vs SFT vs random SFT")
+    ax.set_title("In-language reliance per checkpoint", fontsize=10)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
