@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
+from .atomic import write_json_atomic as _write_json
 from .bootstrap import bootstrap_group_means, paired_difference
 from .contributions import (
     SIGNS,
@@ -652,11 +653,6 @@ def _read_meta(path: Path) -> dict:
     except json.JSONDecodeError:
         return {}
 
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_label(run_dir: Path) -> str:

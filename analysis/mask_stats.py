@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text_atomic as _write_text
 from .masks import MaskError, load_subnetworks
 
 
@@ -106,11 +107,6 @@ def _cell(value) -> str:
         return str(int(value))
     return str(value)
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:

@@ -19,7 +19,6 @@ import csv
 import html
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
+from .atomic import write_text_atomic as _write_text
 from .contributions import SIGNS, ContributionTable, write_rows_csv
 from .correlations import (
     SpecialisationPoint,
@@ -964,12 +964,6 @@ def _markdown_table(rows: list[dict]) -> str:
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def _render_markdown(rep: _Report, header: list[str]) -> str:

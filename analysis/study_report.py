@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from .atomic import write_text_atomic as _write
 from .study_summary import study_summary
 
 # The paper's order of results; items without a paper number come last.
@@ -78,11 +79,6 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
     os.replace(tmp, path)
     return True
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_study_report(root: Path) -> Path:

@@ -31,15 +31,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
+from analysis.atomic import write_text_atomic as atomic_write_text
 from analysis.sketch_store import SketchError, check_compatible, read_sidecar
 
 log = logging.getLogger(__name__)
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def indices_digest(indices: np.ndarray) -> str:

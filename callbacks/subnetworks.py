@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.atomic import write_json_atomic as _atomic_write_json
 from analysis.mask_stats import write_mask_statistics
 from analysis.masks import MaskError, check_mask
 from datamodules.base import make_collate
@@ -472,12 +472,6 @@ def state_fingerprint(module: nn.Module) -> str:
         h.update(t.view(torch.uint8).numpy().tobytes())
     return "state:" + h.hexdigest()[:16]
 
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _is_done(path: Path, fp: str, options: SubnetworkOptions, data_key: dict, shape: tuple[int, int]) -> bool:

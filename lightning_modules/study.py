@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from analysis.atomic import write_json_atomic as _write_json
 
 
 @dataclass
@@ -136,12 +137,6 @@ def stage_fingerprint(stage: Stage, upstream: dict[str, str]) -> str:
             files[arg] = _file_digest(arg)
     return _digest({"command": stage.command, "files": files, "upstream": [upstream[d] for d in stage.depends]})
 
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict | None:
