@@ -253,6 +253,8 @@ QUIET = [
     ".*isinstance\\(treespec, LeafSpec\\).*",
     ".*custom batch sampler.*for prediction.*",
     ".*Experiment logs directory .* exists and is not empty.*",
+    # the study runs each stage in-process with sys.argv set to the stage's own arguments (for DDP)
+    ".*LightningCLI's args parameter is intended to run from within Python.*",
 ]
 
 

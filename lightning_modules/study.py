@@ -151,6 +151,25 @@ def _fmt(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def estimate_seconds_left(remaining: list[Stage], durations: dict[str, list[float]]) -> float | None:
+    """Seconds the remaining stages will take, from finished stages of the same kind.
+
+    Stages of one kind (fit, subnetworks, analyze, report) cost about the same, whereas a plain
+    mean over all stages is dominated by whichever kind ran first. A kind not seen yet counts
+    as the mean of every finished stage; the study report only reads files and counts as
+    nothing. None before any stage has finished.
+    """
+    seen = [s for times in durations.values() for s in times]
+    if not seen:
+        return None
+    overall = sum(seen) / len(seen)
+    return sum(
+        sum(durations[s.command[0]]) / len(durations[s.command[0]]) if durations.get(s.command[0]) else overall
+        for s in remaining
+        if s.command[0] != "report"
+    )
+
+
 def run_study(config: str, from_stage: str | None = None, only: list[str] | None = None) -> Path:
     """Run (or resume) every stage; returns the study root."""
     from .cli import run_cli
@@ -165,7 +184,7 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
     fingerprints: dict[str, str] = {}
     force = False
     started = time.monotonic()
-    done_seconds = []
+    durations: dict[str, list[float]] = {}  # stage kind -> seconds of finished stages of that kind
     for number, stage in enumerate(stages, start=1):
         force = force or stage.name == from_stage
         fp = stage_fingerprint(stage, fingerprints)
@@ -173,6 +192,8 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
         marker = _read_json(markers / f"{stage.name}.json")
         if not force and marker and marker.get("fingerprint") == fp:
             print(f"[{number}/{len(stages)}] {stage.name}: done ({_fmt(marker.get('seconds', 0))}), skipped", flush=True)
+            if marker.get("seconds"):
+                durations.setdefault(stage.command[0], []).append(marker["seconds"])
             continue
         if only and stage.name not in only:
             continue
@@ -188,10 +209,8 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
                 if path.exists():
                     shutil.rmtree(path)
         elapsed = time.monotonic() - started
-        left = ""
-        if done_seconds:
-            per_stage = sum(done_seconds) / len(done_seconds)
-            left = f", about {_fmt(per_stage * (len(stages) - number + 1))} left"
+        estimate = estimate_seconds_left(stages[number - 1 :], durations)
+        left = f", about {_fmt(estimate)} left" if estimate is not None else ""
         print(f"\n[{number}/{len(stages)}] {stage.name}{' (resuming)' if resuming else ''} — "
               f"elapsed {_fmt(elapsed)}{left}\n  crossling {' '.join(command)}", flush=True)
         _write_json(markers / f"{stage.name}.started.json", {"fingerprint": fp})
@@ -203,7 +222,7 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
         else:
             run_cli(command)
         seconds = time.monotonic() - t0
-        done_seconds.append(seconds)
+        durations.setdefault(stage.command[0], []).append(seconds)
         _write_json(markers / f"{stage.name}.json", {"fingerprint": fp, "seconds": seconds, "command": command})
         (markers / f"{stage.name}.started.json").unlink(missing_ok=True)
     print_summary(root)

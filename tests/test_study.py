@@ -157,3 +157,17 @@ def test_a_changed_option_reruns_only_its_dependents(finished, tmp_path):
         assert f"] {stage}" in out and f"{stage}: done" not in out, f"{stage} should re-run"
     sidecar = json.loads((root / "full/sketches/epoch=0/full/train.json").read_text())
     assert sidecar["d"] == 16
+
+
+def test_time_left_is_estimated_per_stage_kind():
+    from lightning_modules.study import Stage, estimate_seconds_left
+
+    def stage(kind: str) -> Stage:
+        return Stage(kind, [kind, "--config", "x.yaml"], [])
+
+    remaining = [stage("fit"), stage("analyze"), stage("analyze"), stage("subnetworks"), stage("report")]
+    assert estimate_seconds_left(remaining, {}) is None
+    durations = {"fit": [10.0, 30.0], "analyze": [100.0]}
+    # fit at its mean (20), analyze at its own (100 each), subnetworks unseen: mean of all three
+    expected = 20.0 + 2 * 100.0 + (10.0 + 30.0 + 100.0) / 3
+    assert estimate_seconds_left(remaining, durations) == pytest.approx(expected)
