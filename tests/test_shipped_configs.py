@@ -1,0 +1,62 @@
+"""Every study config shipped in configs/ plans, and every stage command it would run parses.
+
+A typo in a paper-scale config (meant for a GPU node) would otherwise only show up hours
+into someone's run; ``--print_config`` parses a stage's arguments exactly as the stage would,
+without building a model or reading data.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+import yaml
+
+from lightning_modules.study import StudyConfig, load_study_config, plan_stages
+from tests.helpers import REPO
+
+
+def study_configs() -> list:
+    keys = set(StudyConfig.__dataclass_fields__)
+    found = []
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        if isinstance(raw, dict) and {"full", "sft", "analyze"} <= set(raw) <= keys:
+            found.append(path)
+    return found
+
+
+def test_the_shipped_study_configs_are_found():
+    names = {str(p.relative_to(REPO / "configs")) for p in study_configs()}
+    expected = {"demo/pawsx.yaml", "demo/xnli.yaml", "xnli/study.yaml", "pawsx/study.yaml", "marc/study.yaml"}
+    assert expected <= names, f"missing: {expected - names}"
+
+
+@pytest.mark.parametrize("path", study_configs(), ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_stage_of_a_shipped_study_parses(path, monkeypatch, capsys):
+    from lightning_modules.cli import run_cli
+
+    monkeypatch.setattr(sys, "argv", ["crossling"])
+    cfg, base = load_study_config(path)
+    stages = plan_stages(cfg, base)
+    kinds_seen = set()
+    for stage in stages:
+        kind = re.sub(r"\d+", "", stage.name)  # one random seed stands for all of them
+        if stage.command[0] == "report" or kind in kinds_seen:
+            continue
+        kinds_seen.add(kind)
+        with pytest.raises(SystemExit) as done:
+            run_cli([*stage.command, "--print_config"])
+        printed = capsys.readouterr()
+        assert done.value.code in (0, None), f"{path} stage {stage.name}: {printed.err[-2000:]}"
+        parsed = yaml.safe_load(printed.out)
+        root_dir = next(a for a in stage.command if a.startswith("--trainer.default_root_dir="))
+        assert parsed["trainer"]["default_root_dir"] == root_dir.split("=", 1)[1]
+        for override in cfg.overrides:  # the study's overrides reach every stage
+            key, value = override.removeprefix("--").split("=", 1)
+            node = parsed
+            for part in key.split("."):
+                node = node[part]
+            assert str(node) == value, f"{path} stage {stage.name}: {key} is {node!r}, expected {value}"
+    assert {"full", "subnetworks", "natural-analysis", "sft", "sft-analysis", "sft-random"} <= kinds_seen
