@@ -221,7 +221,8 @@ class CrosslingCLI(LightningCLI):
 
 def run_cli(args: list[str] | None = None) -> CrosslingCLI:
     if args is not None:
-        # the study runs stages in-process: make sys.argv agree with the stage's arguments
+        # stages run in-process (the study, tests): the stage's arguments become sys.argv, which
+        # LightningCLI parses and a DDP launcher re-executes, so both see the same command
         sys.argv = [sys.argv[0], *args]
     return CrosslingCLI(
         SequenceClassifier,
@@ -232,7 +233,6 @@ def run_cli(args: list[str] | None = None) -> CrosslingCLI:
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         trainer_defaults={"enable_checkpointing": False, "use_distributed_sampler": False},
-        args=args,
         parser_kwargs={"prog": "crossling"},
         auto_configure_optimizers=False,
     )
@@ -253,8 +253,6 @@ QUIET = [
     ".*isinstance\\(treespec, LeafSpec\\).*",
     ".*custom batch sampler.*for prediction.*",
     ".*Experiment logs directory .* exists and is not empty.*",
-    # the study runs each stage in-process with sys.argv set to the stage's own arguments (for DDP)
-    ".*LightningCLI's args parameter is intended to run from within Python.*",
 ]
 
 

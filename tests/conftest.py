@@ -14,14 +14,6 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def small_pawsx():
     """A small PAWS-X datamodule on the bundled data (tiny tokenizer), shared read-only."""
-    from datamodules import PAWSXDataModule
+    from helpers import small_pawsx_datamodule
 
-    return PAWSXDataModule(
-        train_per_language=24,
-        dev_per_language=8,
-        test_per_language=8,
-        batch_size=4,
-        eval_batch_size=8,
-        backbone="tiny-random",
-        seed=3,
-    )
+    return small_pawsx_datamodule()

@@ -16,6 +16,37 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
+SMALL_PAWSX = dict(
+    train_per_language=24,
+    dev_per_language=8,
+    test_per_language=8,
+    batch_size=4,
+    eval_batch_size=8,
+    backbone="tiny-random",
+    seed=3,
+)
+
+
+def small_pawsx_datamodule(**overrides):
+    """A small PAWS-X datamodule on the bundled data (tiny tokenizer); ``overrides`` change its options."""
+    from datamodules import PAWSXDataModule
+
+    return PAWSXDataModule(**{**SMALL_PAWSX, **overrides})
+
+
+def cpu_trainer(**extra) -> pl.Trainer:
+    """A quiet one-process CPU trainer; crossling shards data itself, so no distributed sampler."""
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    return pl.Trainer(**{**options, **extra})
+
 
 def make_tiny_model(
     layers: int = 3,

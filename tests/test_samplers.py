@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import cpu_trainer
 
 from datamodules.samplers import LanguageBatchSampler, RankSlicedBatchSampler
 
@@ -152,26 +153,13 @@ class _Probe(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        **kwargs,
-    )
-
-
 @pytest.mark.parametrize("batching", ["language", "mixed"])
 def test_lightning_draws_a_new_order_each_epoch(small_pawsx, batching):
     """Lightning must reach the samplers' set_epoch (it only calls ``batch_sampler.sampler``'s)."""
     small_pawsx.batching = batching
     try:
         record = _Record()
-        _trainer(max_epochs=2, callbacks=[record]).fit(
+        cpu_trainer(max_epochs=2, callbacks=[record]).fit(
             _Probe(), train_dataloaders=small_pawsx.train_dataloader()
         )
     finally:
@@ -186,7 +174,7 @@ def test_lightning_draws_a_new_order_each_epoch(small_pawsx, batching):
 
 def test_predict_over_eval_loader_returns_every_index_once(small_pawsx):
     """trainer.predict must accept the eval loader (the sketch stage shards with it)."""
-    out = _trainer().predict(_Probe(), dataloaders=small_pawsx.eval_dataloader("test"))
+    out = cpu_trainer().predict(_Probe(), dataloaders=small_pawsx.eval_dataloader("test"))
     assert torch.cat(out).tolist() == list(range(len(small_pawsx.dataset("test"))))
 
 

@@ -9,6 +9,7 @@ import json
 import random
 
 import pytest
+from helpers import small_pawsx_datamodule
 
 from datamodules import DataError, MARCDataModule, PAWSXDataModule, XNLIDataModule
 from datamodules.sampling import sample_independent, sample_parallel
@@ -100,18 +101,7 @@ def test_sample_parallel_without_shared_ids_is_a_data_error():
 
 
 def test_global_index_is_position_and_stable_across_instances(small_pawsx):
-    def make():
-        return PAWSXDataModule(
-            train_per_language=24,
-            dev_per_language=8,
-            test_per_language=8,
-            batch_size=4,
-            eval_batch_size=8,
-            backbone="tiny-random",
-            seed=3,
-        )
-
-    other = make()
+    other = small_pawsx_datamodule()
     for split in ("train", "test"):
         a, b = small_pawsx.dataset(split).examples, other.dataset(split).examples
         assert [e.index for e in a] == list(range(len(a)))

@@ -10,11 +10,10 @@ import subprocess
 import sys
 
 import numpy as np
-from helpers import REPO, cli_env
+from helpers import REPO, cli_env, small_pawsx_datamodule
 from test_sketch_store import make_run_dir, run_stage
 
 from analysis.sketch_store import list_sketches, load_sketches
-from datamodules import PAWSXDataModule
 
 SCRIPT = """
 import sys
@@ -42,16 +41,7 @@ print(f"rank {trainer.global_rank} of {trainer.world_size}: {len(paths)} files")
 
 
 def test_two_process_ddp_writes_the_single_process_file(tmp_path):
-    dm = PAWSXDataModule(
-        languages=["en", "de"],
-        train_per_language=24,
-        dev_per_language=8,
-        test_per_language=8,
-        batch_size=4,
-        eval_batch_size=8,
-        backbone="tiny-random",
-        seed=3,
-    )
+    dm = small_pawsx_datamodule(languages=["en", "de"])
     single = make_run_dir(tmp_path / "single", dm.languages, epochs=1)
     ddp = tmp_path / "ddp"
     shutil.copytree(single / "checkpoints", ddp / "checkpoints")

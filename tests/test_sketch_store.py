@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cpu_trainer, small_pawsx_datamodule
 from pytorch_lightning import Trainer
 
 from analysis.masks import MaskError
@@ -50,17 +51,7 @@ def make_run_dir(run_dir: Path, languages: list[str], epochs: int = 2) -> Path:
 
 
 def make_trainer(**extra) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        inference_mode=False,
-        **extra,
-    )
+    return cpu_trainer(inference_mode=False, **extra)  # sketching takes gradients inside predict
 
 
 def new_module(languages):
@@ -76,17 +67,8 @@ def run_stage(run_dir, dm, conditions=("full", "own"), options=OPTIONS, trainer=
 @pytest.fixture(scope="module")
 def dm3():
     """Three languages, batches of 16 (mixed languages, ragged lengths)."""
-    from datamodules import PAWSXDataModule
-
-    return PAWSXDataModule(
-        languages=["en", "de", "ko"],
-        train_per_language=16,
-        dev_per_language=4,
-        test_per_language=6,
-        batch_size=4,
-        eval_batch_size=16,
-        backbone="tiny-random",
-        seed=3,
+    return small_pawsx_datamodule(
+        languages=["en", "de", "ko"], train_per_language=16, dev_per_language=4, test_per_language=6, eval_batch_size=16
     )
 
 
@@ -304,16 +286,11 @@ def test_check_compatible_names_file_and_key(tmp_path):
 def test_fit_callback_writes_full_sketches_equal_to_the_stage(tmp_path):
     from callbacks.checkpoints import EpochCheckpoint
     from callbacks.sketch_stage import SketchCallback
-    from datamodules import PAWSXDataModule
-
-    dm = PAWSXDataModule(
+    dm = small_pawsx_datamodule(
         languages=["en", "ko"],
         train_per_language=12,
         dev_per_language=4,
         test_per_language=4,
-        batch_size=4,
-        eval_batch_size=8,
-        backbone="tiny-random",
         seed=2,
     )
     module = SequenceClassifier(
