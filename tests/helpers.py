@@ -57,9 +57,17 @@ def make_tiny_model(
     seed: int = 0,
     num_labels: int = 3,
     init_std: float = 0.02,
+    layout: str = "xlmr",
 ):
-    """A randomly initialised XLM-R classifier of any size, in eval mode (no dropout)."""
-    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+    """A randomly initialised classifier of any size, in eval mode (no dropout), in XLM-R's layout
+    (``roberta.*``, tanh head ``classifier.dense`` + ``out_proj``) or BERT's (``bert.*``, as
+    multilingual-e5 and mBERT: ``bert.pooler.dense`` + ``classifier``)."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        XLMRobertaConfig,
+        XLMRobertaForSequenceClassification,
+    )
 
     config = XLMRobertaConfig(
         vocab_size=vocab,
@@ -73,11 +81,18 @@ def make_tiny_model(
         num_labels=num_labels,
         initializer_range=init_std,
     )
+    if layout == "bert":
+        config = BertConfig(**{**config.to_dict(), "type_vocab_size": 2})
+    elif layout != "xlmr":
+        raise ValueError(f"layout must be 'xlmr' or 'bert', found {layout!r}")
     config._attn_implementation = attn
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = XLMRobertaForSequenceClassification(config)
+        model = (BertForSequenceClassification if layout == "bert" else XLMRobertaForSequenceClassification)(config)
     return model.eval()
+
+
+LAYOUTS = ("xlmr", "bert")
 
 
 def random_batch(batch: int = 4, length: int = 12, vocab: int = 100, seed: int = 0):

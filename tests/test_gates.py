@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from helpers import make_tiny_model, random_batch
+from helpers import LAYOUTS, make_tiny_model, random_batch
 
 from lightning_modules.gates import HeadGates, attention_output_projections, disabled_parameter_masks
 
@@ -17,8 +17,8 @@ LAYERS, HEADS, HIDDEN = 3, 4, 32
 HEAD_DIM = HIDDEN // HEADS
 
 
-def model_and_batch(attn: str, seed: int = 0):
-    model = make_tiny_model(LAYERS, HEADS, HIDDEN, attn=attn, seed=seed)
+def model_and_batch(attn: str, seed: int = 0, layout: str = "xlmr"):
+    model = make_tiny_model(LAYERS, HEADS, HIDDEN, attn=attn, seed=seed, layout=layout)
     ids, att = random_batch(batch=5, length=11, seed=seed + 100)
     return model, ids, att
 
@@ -33,8 +33,9 @@ def random_mask(seed: int, *shape: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_all_ones_gates_are_bit_identical_to_the_ungated_model(attn):
-    model, ids, att = model_and_batch(attn, seed=1)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_all_ones_gates_are_bit_identical_to_the_ungated_model(attn, layout):
+    model, ids, att = model_and_batch(attn, seed=1, layout=layout)
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=att).logits
         gates = HeadGates(model)
@@ -49,8 +50,9 @@ def test_all_ones_gates_are_bit_identical_to_the_ungated_model(attn):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_zero_gate_equals_zeroing_output_projection_columns(attn):
-    model, ids, att = model_and_batch(attn, seed=2)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_zero_gate_equals_zeroing_output_projection_columns(attn, layout):
+    model, ids, att = model_and_batch(attn, seed=2, layout=layout)
     mask = random_mask(3)
     pruned = copy.deepcopy(model)
     with torch.no_grad():
@@ -69,8 +71,9 @@ def test_zero_gate_equals_zeroing_output_projection_columns(attn):
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("soft", [False, True])
-def test_per_example_mask_equals_each_example_alone(attn, soft):
-    model, ids, att = model_and_batch(attn, seed=4)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_example_mask_equals_each_example_alone(attn, soft, layout):
+    model, ids, att = model_and_batch(attn, seed=4, layout=layout)
     mask = random_mask(5, ids.shape[0])
     if soft:  # gates need not be 0/1 (importance is taken around 1)
         mask = torch.rand(mask.shape, generator=torch.Generator().manual_seed(6)) + 0.25
@@ -90,8 +93,9 @@ def test_per_example_mask_equals_each_example_alone(attn, soft):
 
 
 @pytest.mark.parametrize("per_example", [False, True])
-def test_gate_gradient_equals_finite_difference(per_example):
-    model = make_tiny_model(LAYERS, HEADS, HIDDEN, attn="eager", seed=7, init_std=0.2).double()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gate_gradient_equals_finite_difference(per_example, layout):
+    model = make_tiny_model(LAYERS, HEADS, HIDDEN, attn="eager", seed=7, init_std=0.2, layout=layout).double()
     ids, att = random_batch(batch=3, length=9, seed=8)
     labels = torch.tensor([0, 2, 1])
     gates = HeadGates(model)
@@ -144,14 +148,15 @@ def test_bad_mask_shapes_raise_clear_errors():
     assert gates.mask is None  # the failed call did not leave a mask behind
 
 
-def test_disabled_parameter_masks_mark_exactly_the_heads_slices():
-    model = make_tiny_model(LAYERS, HEADS, HIDDEN, seed=11)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_disabled_parameter_masks_mark_exactly_the_heads_slices(layout):
+    model = make_tiny_model(LAYERS, HEADS, HIDDEN, seed=11, layout=layout)
     mask = random_mask(12)
     marks = disabled_parameter_masks(model, mask)
     names = {id(p): n for n, p in model.named_parameters()}
     marked_names = {names[id(p)] for p in marks}
     expected_names = {
-        f"roberta.encoder.layer.{layer}.attention.{part}"
+        f"{'bert' if layout == 'bert' else 'roberta'}.encoder.layer.{layer}.attention.{part}"
         for layer in range(LAYERS)
         for part in (
             "self.query.weight",
@@ -179,9 +184,10 @@ def test_disabled_parameter_masks_mark_exactly_the_heads_slices():
         assert torch.equal(off, reference), name
 
 
-def test_gated_heads_get_exactly_zero_gradient_on_their_marked_slices():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gated_heads_get_exactly_zero_gradient_on_their_marked_slices(layout):
     """The marks are where gating a head off already zeroes the gradient (and nowhere else)."""
-    model = make_tiny_model(LAYERS, HEADS, HIDDEN, seed=13).train(False)
+    model = make_tiny_model(LAYERS, HEADS, HIDDEN, seed=13, layout=layout).train(False)
     ids, att = random_batch(batch=4, length=10, seed=14)
     mask = random_mask(15)
     gates = HeadGates(model)

@@ -10,7 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
+)
 
 from analysis.masks import MaskError, name_seed
 from callbacks.subnetworks import (
@@ -25,7 +30,7 @@ LAYERS, HEADS, HIDDEN = 2, 3, 24
 PAD = 1
 
 
-def tiny_model(seed: str, dtype=torch.float64, dropout: float = 0.0) -> XLMRobertaForSequenceClassification:
+def tiny_model(seed: str, dtype=torch.float64, dropout: float = 0.0, layout: str = "xlmr"):
     config = XLMRobertaConfig(
         vocab_size=60,
         hidden_size=HIDDEN,
@@ -39,10 +44,12 @@ def tiny_model(seed: str, dtype=torch.float64, dropout: float = 0.0) -> XLMRober
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )
+    if layout == "bert":  # multilingual-e5 / mBERT: bert.*, pooler + linear head
+        config = BertConfig(**{**config.to_dict(), "type_vocab_size": 2})
     config._attn_implementation = "eager"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(name_seed(seed) % 2**31)
-        model = XLMRobertaForSequenceClassification(config)
+        model = (BertForSequenceClassification if layout == "bert" else XLMRobertaForSequenceClassification)(config)
         # larger random weights than the init so that every head matters noticeably
         with torch.no_grad():
             for p in model.parameters():
@@ -84,7 +91,7 @@ def hand_gated_loss(model, ids: torch.Tensor, label: int, xi: torch.Tensor) -> t
     head_dim = HIDDEN // HEADS
     params = {}
     for layer in range(LAYERS):
-        name = f"roberta.encoder.layer.{layer}.attention.output.dense.weight"
+        name = f"{model.base_model_prefix}.encoder.layer.{layer}.attention.output.dense.weight"
         weight = dict(model.named_parameters())[name]
         params[name] = weight * xi[layer].repeat_interleave(head_dim)[None, :]
     logits = functional_call(
@@ -96,8 +103,9 @@ def hand_gated_loss(model, ids: torch.Tensor, label: int, xi: torch.Tensor) -> t
 MASK = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]])  # one head already disabled
 
 
-def test_importance_equals_per_example_gradient_of_hand_built_gate():
-    model = tiny_model("hand-gate")
+@pytest.mark.parametrize("layout", ["xlmr", "bert"])
+def test_importance_equals_per_example_gradient_of_hand_built_gate(layout):
+    model = tiny_model("hand-gate", layout=layout)
     examples = random_examples("hand-gate-data", 7)
     gates = HeadGates(model)
     total, count = accumulate_head_gradients(

@@ -29,9 +29,10 @@ from lightning_modules.gates import HeadGates
 LAYERS, HEADS, HIDDEN, VOCAB = 2, 4, 16, 100
 
 
-def tiny_float64(seed: int = 0, attn: str = "eager"):
+def tiny_float64(seed: int = 0, attn: str = "eager", layout: str = "xlmr"):
     # init_std 0.2: gradients far from zero, so relative errors mean something
-    model = make_tiny_model(LAYERS, HEADS, HIDDEN, VOCAB, attn=attn, seed=seed, num_labels=3, init_std=0.2)
+    model = make_tiny_model(LAYERS, HEADS, HIDDEN, VOCAB, attn=attn, seed=seed, num_labels=3, init_std=0.2,
+                            layout=layout)
     return model.double()
 
 
@@ -86,9 +87,10 @@ def kron_projection(model, names, options):
     return mats
 
 
-@pytest.mark.parametrize("pairs,attention", [(1, "eager"), (3, "eager"), (2, "sdpa")])
-def test_sketch_equals_kronecker_projection_of_explicit_gradient(pairs, attention):
-    model = tiny_float64(seed=1)
+@pytest.mark.parametrize("pairs,attention,layout", [(1, "eager", "xlmr"), (3, "eager", "xlmr"), (2, "sdpa", "xlmr"),
+                                                    (1, "eager", "bert"), (2, "sdpa", "bert")])
+def test_sketch_equals_kronecker_projection_of_explicit_gradient(pairs, attention, layout):
+    model = tiny_float64(seed=1, layout=layout)
     batch = inputs(batch=4, length=10, seed=2)
     head_mask = random_head_mask(4, seed=3)
     gates = HeadGates(model)
@@ -122,8 +124,9 @@ def test_sketch_equals_kronecker_projection_of_explicit_gradient(pairs, attentio
     torch.testing.assert_close(loss2, loss)
 
 
-def test_exact_mode_equals_explicit_per_example_gradients():
-    model = tiny_float64(seed=4)
+@pytest.mark.parametrize("layout", ["xlmr", "bert"])
+def test_exact_mode_equals_explicit_per_example_gradients(layout):
+    model = tiny_float64(seed=4, layout=layout)
     batch = inputs(batch=3, length=9, seed=5)
     head_mask = random_head_mask(3, seed=6)
     gates = HeadGates(model)
@@ -233,6 +236,16 @@ def test_sketch_inner_product_is_unbiased_for_every_layer_shape():
         estimates.append(float(s[0] @ s[1]) / target)
     mean, se = np.mean(estimates), np.std(estimates) / np.sqrt(len(estimates))
     assert abs(mean - 1) < 4 * se and se < 0.1, (mean, se)
+
+
+@pytest.mark.parametrize("layout", ["xlmr", "bert"])
+def test_default_layers_are_every_linear_layer_of_encoder_and_head(layout):
+    model = tiny_float64(layout=layout)
+    every_linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    chosen = {n for n, _ in select_layers(model)}
+    assert chosen == every_linear
+    head = {"bert": {"bert.pooler.dense", "classifier"}, "xlmr": {"classifier.dense", "classifier.out_proj"}}[layout]
+    assert head <= chosen and len(chosen) == LAYERS * 6 + 2
 
 
 def test_layer_selection_by_pattern_and_clear_error():
