@@ -14,6 +14,30 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+BUCKET_BATCHES = 32  # batches per bucket: short enough to stay shuffled, long enough to group lengths
+
+
+def bucket_by_length(order: np.ndarray, lengths: np.ndarray, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Reorder ``order`` so that each consecutive run of ``batch`` items has similar lengths.
+
+    Padding a batch to its longest example wastes compute (bundled XNLI pairs run 10-128 tokens).
+    The shuffled items are cut into buckets of ``BUCKET_BATCHES`` batches, each bucket sorted by
+    length (stable), and the resulting batches shuffled: the same items per epoch, drawn from the
+    same seed, with little padding."""
+    order = np.asarray(order)
+    span = batch * BUCKET_BATCHES
+    chunks = [order[i : i + span] for i in range(0, len(order), span)]
+    batches = []
+    for chunk in chunks:
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
+    full = [b for b in batches if len(b) == batch]
+    rest = [b for b in batches if len(b) != batch]
+    if not full:
+        return order
+    picked = rng.permutation(len(full))
+    return np.concatenate([full[i] for i in picked] + rest)
+
 
 class _EpochRelay:
     """Lightning calls ``set_epoch`` on ``dataloader.sampler`` and ``dataloader.batch_sampler.sampler``
@@ -36,7 +60,8 @@ class LanguageBatchSampler(Sampler[list[int]]):
     batches (that of the smallest language); left-over items rotate from epoch to epoch.
     """
 
-    def __init__(self, langs: Sequence[int], batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, langs: Sequence[int], batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 lengths: Sequence[int] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, found {batch_size}")
         if not 0 <= rank < num_replicas:
@@ -46,6 +71,7 @@ class LanguageBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         self.epoch = 0
         self.sampler = _EpochRelay(self)
         self.languages = sorted(set(self.langs.tolist()))
@@ -71,6 +97,9 @@ class LanguageBatchSampler(Sampler[list[int]]):
         rng = np.random.default_rng([self.seed, self.epoch, 0])
         global_batch = self.batch_size * self.num_replicas
         pools = {lang: rng.permutation(np.flatnonzero(self.langs == lang)) for lang in self.languages}
+        if self.lengths is not None:
+            bucket_rng = np.random.default_rng([self.seed, self.epoch, 3])
+            pools = {lang: bucket_by_length(pool, self.lengths, global_batch, bucket_rng) for lang, pool in pools.items()}
         cursor = dict.fromkeys(self.languages, 0)
         for lang in self.language_order():
             start = cursor[lang]
@@ -85,16 +114,19 @@ class LanguageBatchSampler(Sampler[list[int]]):
 class RankSlicedBatchSampler(Sampler[list[int]]):
     """Ordinary batches (mixed languages) over this rank's share of the data.
 
-    Training shuffles with (seed, epoch); evaluation keeps order and never pads or repeats
-    items, so metrics reduced across ranks count every example exactly once.
+    Training shuffles with (seed, epoch); evaluation never pads or repeats items, so metrics
+    reduced across ranks count every example exactly once. With ``lengths``, evaluation reads the
+    items shortest first (every pass writes results by dataset index, so order changes no value,
+    only the padding) and training batches are bucketed by length (``bucket_by_length``).
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 drop_last: bool = False):
+                 drop_last: bool = False, lengths: Sequence[int] | None = None):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         # stored under another name: a ``drop_last`` attribute makes trainer.predict try to rebuild
         # this sampler as if it were torch's BatchSampler(sampler, batch_size, drop_last), which fails
         self.num_replicas, self.rank, self.drop_incomplete = num_replicas, rank, drop_last
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         self.epoch = 0
         self.sampler = _EpochRelay(self)
 
@@ -106,7 +138,12 @@ class RankSlicedBatchSampler(Sampler[list[int]]):
         if self.shuffle and self.num_replicas > 1:
             # training: equal shares so every rank takes the same number of steps
             order = order[: self.n - self.n % self.num_replicas]
-        return order[self.rank :: self.num_replicas]
+        mine = order[self.rank :: self.num_replicas]
+        if self.lengths is None:
+            return mine
+        if self.shuffle:
+            return bucket_by_length(mine, self.lengths, self.batch_size, np.random.default_rng([self.seed, self.epoch, 3]))
+        return mine[np.argsort(self.lengths[mine], kind="stable")]
 
     def __iter__(self) -> Iterator[list[int]]:
         idx = self._indices()

@@ -55,13 +55,13 @@ class GradientRecorder(pl.Callback):
         trainer.optimizers[0].register_step_post_hook(hook)
 
 
-def train(tmp_path, mode, callbacks, steps=6, weight_decay=0.1):
+def train(tmp_path, mode, callbacks, steps=6, weight_decay=0.1, backbone="tiny-random"):
     torch.manual_seed(0)
     masks = write_masks(tmp_path)
     assert not (tmp_path / "run").exists()
     dm = PAWSXDataModule(languages=LANGS, train_per_language=16, dev_per_language=8, test_per_language=8,
-                         batch_size=4, batching="language", backbone="tiny-random", seed=3)
-    module = SequenceClassifier(backbone="tiny-random", languages=LANGS, learning_rate=1e-2, weight_decay=weight_decay,
+                         batch_size=4, batching="language", backbone=backbone, seed=3)
+    module = SequenceClassifier(backbone=backbone, languages=LANGS, learning_rate=1e-2, weight_decay=weight_decay,
                                 schedule="constant", subnetworks=str(tmp_path), mask_mode=mode, dropout=0.0)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          default_root_dir=tmp_path / "run",
@@ -76,9 +76,10 @@ def named_disabled(module, mask):
     return {n: by_param[p] for n, p in module.named_parameters() if p in by_param}
 
 
-def test_strict_mode_keeps_disabled_head_slices_bit_identical(tmp_path):
+@pytest.mark.parametrize("backbone", ["tiny-random", "tiny-bert-random"])
+def test_strict_mode_keeps_disabled_head_slices_bit_identical(tmp_path, backbone):
     recorder = StepRecorder()
-    module, masks = train(tmp_path, "strict", [recorder])
+    module, masks = train(tmp_path, "strict", [recorder], backbone=backbone)
     assert len({lang for lang, _, _ in recorder.steps}) > 1, "the run should alternate languages"
     for lang_index, before, after in recorder.steps:
         disabled = named_disabled(module, masks[LANGS[lang_index]])
@@ -88,7 +89,8 @@ def test_strict_mode_keeps_disabled_head_slices_bit_identical(tmp_path):
             moved_enabled |= not torch.equal(before[name][~off], after[name][~off])
         assert moved_enabled, "enabled heads should have been updated"
         # shared parameters (embeddings, FFN, classifier) are updated by every batch
-        assert not torch.equal(before["model.classifier.dense.weight"], after["model.classifier.dense.weight"])
+        head = "model.classifier.dense.weight" if backbone == "tiny-random" else "model.bert.pooler.dense.weight"
+        assert not torch.equal(before[head], after[head])
 
 
 def test_gradient_mode_zeroes_gradients_but_adamw_still_moves_disabled_heads(tmp_path):
