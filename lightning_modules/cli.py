@@ -162,7 +162,9 @@ class CrosslingTrainer(Trainer):
         for stage in stages:
             print(f"analyze: {stage} ({', '.join(conditions)}) in {run_dir}", flush=True)
             if stage == "sketch":
-                run_sketch_stage(self, model, datamodule, run_dir, conditions, sketch, subnetworks_dir=subnetworks_dir)
+                # influence.epochs (the checkpoints TracIn sums over) also limits what is sketched
+                run_sketch_stage(self, model, datamodule, run_dir, conditions, sketch, epochs=influence.epochs,
+                                 subnetworks_dir=subnetworks_dir)
             elif stage == "influence":
                 run_influence(run_dir, conditions, influence, compare)
             elif stage == "fidelity":
