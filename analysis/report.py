@@ -966,6 +966,25 @@ def _markdown_table(rows: list[dict]) -> str:
 
 
 
+def describe_run_backbone(run_dir: Path) -> str:
+    """One line from the run's ``backbone.json`` (written by ``crossling fit``): which weights were studied."""
+    path = Path(run_dir) / "backbone.json"
+    if not path.is_file():
+        return "not recorded (run trained before crossling recorded backbone.json)"
+    record = json.loads(path.read_text())
+    parts = [f"`{record.get('backbone')}`"]
+    if record.get("model") and record.get("model") != record.get("backbone"):
+        parts.append(f"= {record['model']}")
+    if record.get("weights"):
+        parts.append(f"({record['weights']}" + (f", {record['package']}" if record.get("package") else "") + ")")
+    heads = record.get("heads")
+    if heads:
+        parts.append(f"; {heads[0]} layers x {heads[1]} heads")
+    if record.get("vocabulary", "full") != "full":
+        parts.append(f"; vocabulary cut to the {record['vocabulary']} data's tokens")
+    return " ".join(parts)
+
+
 def _render_markdown(rep: _Report, header: list[str]) -> str:
     lines = [*header, ""]
     for item in rep.items:
@@ -1077,6 +1096,7 @@ def write_report(
         f"# {title}",
         "",
         f"- run: `{run_dir}` (kind: {kind})" + (f"; compared with `{compare_to}`" if compare_to else ""),
+        f"- encoder: {describe_run_backbone(run_dir)}",
         f"- conditions requested: {', '.join(conditions)}; ranked: {', '.join(s.name for s in sources) or 'none'}",
         f"- TracIn: normalization `{first.get('options', {}).get('normalization', options.normalization)}`, "
         f"top-m = {first.get('m', options.m)}, checkpoints (epochs) {first.get('epochs', '?')}, "

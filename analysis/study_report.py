@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from .atomic import write_text_atomic as _write
+from .study_findings import study_findings
 from .study_summary import study_summary
 
 # The paper's order of results; items without a paper number come last.
@@ -95,7 +96,11 @@ def write_study_report(root: Path) -> Path:
     dynamics = [row for run in runs for row in _read_dynamics(run)]
     has_dynamics = plot_dynamics(dynamics, out / "dynamics_across_runs.png")
 
-    md = [f"# crossling study: {root.name}", "", "```", study_summary(root), "```", ""]
+    md = [f"# crossling study: {root.name}", ""]
+    findings = study_findings(root)
+    if findings:
+        md += ["## What this study found", "", *(f"- {f}" for f in findings), ""]
+    md += ["```", study_summary(root), "```", ""]
     md += ["Per-run reports: " + ", ".join(f"[{r.name}](../{r.name}/report/report.html)" for r in runs), ""]
     if has_dynamics:
         md += ["## Language specialisation over epochs across runs (Figs 10, 17, 18)", "",

@@ -4,7 +4,10 @@ the main influence matrix, and where the report is. Reads only files the stages 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
+
+from .study_findings import study_findings
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -24,17 +27,43 @@ def last_metrics(run: Path, prefix: str) -> dict[str, float]:
     return values
 
 
+def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``p`` observed on ``n`` examples."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def dev_examples_per_language(run: Path) -> int | None:
+    """``data.init_args.dev_per_language`` from the run's config.yaml (None when unknown or 'all')."""
+    import yaml
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        return None
+    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+    value = (data.get("init_args") or data).get("dev_per_language")
+    return int(value) if isinstance(value, int) else None
+
+
 def learned_table(run: Path) -> tuple[str, bool]:
-    """Dev accuracy vs the majority-class rate per language, and whether every language beats it."""
+    """Dev accuracy (with a 95 % interval) vs the majority-class rate per language, and whether every
+    language beats it."""
     metrics = last_metrics(run, "val/")
     langs = sorted(k.removeprefix("val/acc_") for k in metrics if k.startswith("val/acc_"))
-    lines = ["language  dev acc  majority  learned"]
+    n = dev_examples_per_language(run)
+    lines = [f"language  dev acc  95% interval (n={n or '?'})  majority  learned"]
     ok = True
     for lang in langs:
         acc, majority = metrics[f"val/acc_{lang}"], metrics.get(f"val/majority_{lang}", float("nan"))
+        low, high = wilson_interval(acc, n) if n else (float("nan"), float("nan"))
         beats = acc > majority
         ok &= beats
-        lines.append(f"{lang:8s}  {100 * acc:6.1f}%  {100 * majority:7.1f}%  {'yes' if beats else 'NO'}")
+        verdict = ("yes" if low > majority else "yes (interval reaches the majority rate)") if beats else "NO"
+        lines.append(f"{lang:8s}  {100 * acc:6.1f}%  {100 * low:5.1f}% - {100 * high:5.1f}%        "
+                     f"{100 * majority:7.1f}%  {verdict}")
     return "\n".join(lines), ok and bool(langs)
 
 
@@ -82,6 +111,9 @@ def study_summary(root: Path) -> str:
         influence_matrix(full / "influence" / "own" / "contributions.csv"),
         "",
     ]
+    findings = study_findings(root)
+    if findings:
+        parts += ["What the study found:", *(f"- {f}" for f in findings), ""]
     report = root / "report" / "report.html"
     parts.append(f"Report: {report if report.exists() else root / 'report' / 'report.md'}")
     return "\n".join(parts)

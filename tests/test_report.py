@@ -314,3 +314,18 @@ def test_log_report_to_wandb_only_with_an_active_run(tmp_path, monkeypatch):
         ["a", "b"],
         [["1", "2"]],
     )
+
+
+def test_wilson_interval_matches_the_binomial_coverage():
+    import numpy as np
+
+    from analysis.study_summary import wilson_interval
+
+    # coverage of the 95 % interval over draws of a known binomial: close to 95 %
+    rng = np.random.default_rng(0)
+    n, p = 200, 0.72
+    draws = rng.binomial(n, p, size=4000) / n
+    covered = np.mean([lo <= p <= hi for lo, hi in (wilson_interval(d, n) for d in draws)])
+    assert 0.93 <= covered <= 0.97
+    low, high = wilson_interval(0.5, 100)
+    assert abs((low + high) / 2 - 0.5) < 1e-12 and 0.09 < high - low < 0.21

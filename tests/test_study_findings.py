@@ -1,0 +1,39 @@
+"""The study's findings sentences read the numbers the report tables hold, in-language cells only."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from analysis.study_findings import study_findings
+
+
+def write_diff(root, run, title, name, cells):
+    report = root / run / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    with open(report / name, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "condition", "reference", "test_lang", "train_lang", "sign", "percent", "ci_low", "ci_high", "n_test"])
+        for (test, train, sign), (pct, lo, hi) in cells.items():
+            w.writerow([run, "own", "x", test, train, sign, pct, lo, hi, 30])
+    items = report / "items.json"
+    old = json.loads(items.read_text()) if items.is_file() else []
+    items.write_text(json.dumps([*old, {"title": title, "csv": name, "key": name, "paper": "", "png": None}]))
+
+
+def test_findings_quote_in_language_changes_with_their_intervals(tmp_path):
+    write_diff(tmp_path, "full", "full:own − full:full: change in % of top-50", "d1.csv", {
+        ("de", "de", "pos"): (4.0, 1.5, 6.5),
+        ("de", "en", "pos"): (-9.0, -12.0, -6.0),   # a cross-language cell: not quoted
+        ("en", "en", "pos"): (-1.0, -3.0, 1.0),
+        ("en", "en", "neg"): (7.0, 5.0, 9.0),       # negative influence: not quoted
+    })
+    (tmp_path / "sft" / "accuracy").mkdir(parents=True)
+    (tmp_path / "sft" / "accuracy" / "accuracy.csv").write_text(
+        "language,full_model,subnetwork_after_full_ft,subnetwork_after_sft\nde,0.7000,0.6500,0.7250\n")
+    found = study_findings(tmp_path)
+    assert len(found) == 2
+    assert "(paper Fig 2)" in found[0] and "+1.5 pp on average" in found[0]
+    assert "de +4.0 [+1.5, +6.5]" in found[0] and "en -1.0 [-3.0, +1.0]" in found[0]
+    assert "excludes zero for de" in found[0] and "-9.0" not in found[0] and "+7.0" not in found[0]
+    assert "de 0.700 → 0.725" in found[1]
