@@ -27,9 +27,16 @@ def find_difference_csv(root: Path, run: str, condition: str, ref_run: str, ref_
     items = root / run / "report" / "items.json"
     if not items.is_file():
         return None
-    title = f"{run}:{condition} − {ref_run}:{ref_condition}:"
+    def names(label: str, wanted: str) -> bool:  # labels are "<run>" or "<study>/<run>"
+        return label == wanted or label.endswith("/" + wanted)
+
     for item in json.loads(items.read_text()):
-        if item.get("title", "").startswith(title) and item.get("csv"):
+        title = item.get("title", "")
+        if " − " not in title or ": change" not in title or not item.get("csv"):
+            continue
+        left, rest = title.split(" − ", 1)
+        right = rest.split(": change", 1)[0]
+        if names(left, f"{run}:{condition}") and names(right, f"{ref_run}:{ref_condition}"):
             return root / run / "report" / item["csv"]
     return None
 
