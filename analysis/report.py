@@ -982,7 +982,7 @@ def describe_run_backbone(run_dir: Path) -> str:
         parts.append(f"; {heads[0]} layers x {heads[1]} heads")
     if record.get("vocabulary", "full") != "full":
         parts.append(f"; vocabulary cut to the {record['vocabulary']} data's tokens")
-    return " ".join(parts)
+    return " ".join(parts).replace(" ; ", "; ")
 
 
 def _render_markdown(rep: _Report, header: list[str]) -> str:

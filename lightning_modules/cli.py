@@ -204,6 +204,8 @@ def write_backbone_record(root: Path, pl_module) -> None:
     from .backbones import describe_backbone
 
     hp = pl_module.hparams
+    if "backbone" not in hp or not hasattr(pl_module, "gates"):
+        return  # not a classifier (e.g. crossling pretrain)
     record = describe_backbone(hp.backbone)
     record.update(num_layers=hp.get("num_layers"), vocabulary=hp.get("vocabulary", "full"),
                   heads=list(pl_module.gates.shape))
