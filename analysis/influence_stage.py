@@ -77,6 +77,9 @@ class InfluenceOptions:
         lr_weights: per-checkpoint weights of the summed score (e.g. the learning rate at each epoch), in
             epoch order; None weighs every checkpoint 1.
         epochs: checkpoints to sum over; None uses every ``sketches/epoch=<E>`` directory.
+        train_per_language: rank only this many training examples per language (the same items in
+            every language of a parallel task; seeded from item ids, see ``callbacks.sketch_stage.train_pool``),
+            so that a study on a small machine sketches fewer rows; None ranks the whole training split.
         per_checkpoint: also rank by each checkpoint alone (needed by the dynamics figures and Fig 7).
         precision: float64 (exact to rounding; the default) or float32 (~1e-6 relative error; faster only at
             large d: measured 1.4-3x at d=4096, no gain at d=256, benchmarks/ranking_time.py).
@@ -101,6 +104,7 @@ class InfluenceOptions:
     normalization: Literal["cosine", "train-norm", "dot"] = "cosine"
     lr_weights: list[float] | None = None
     epochs: list[int] | None = None
+    train_per_language: int | None = None
     per_checkpoint: bool = True
     precision: Literal["float64", "float32"] = "float64"
     memory_mb: float = 1024.0
@@ -131,6 +135,10 @@ class InfluenceOptions:
     def check(self) -> None:
         if self.m < 1:
             raise InfluenceError(f"options: m must be at least 1, found {self.m}")
+        if self.train_per_language is not None and self.train_per_language < 1:
+            raise InfluenceError(
+                f"options: train_per_language must be at least 1 (or null: all), found {self.train_per_language}"
+            )
         if self.normalization not in NORMALIZATIONS:
             raise InfluenceError(
                 f"options: normalization must be one of {NORMALIZATIONS}, found {self.normalization!r}"

@@ -1,108 +1,211 @@
-"""How well do sketches preserve TracIn's answers? Recall of the exact cosine-TracIn top-100
-training examples (positive and negative) and the error of the per-language contribution
-percentages, for several projections, against exact per-example gradients of the tiny model.
+"""How well do sketches preserve TracIn's answers, and what does each setting cost? For every
+projection setting, against exact per-example gradients of the same layers: recall of the exact
+top-m sets (m = 1 % and 5 % of the pool, most positive and most negative), the median Spearman
+correlation per test example, the error of the per-language shares of the top-5 % sets (mean and
+max over test × train language cells, percentage points), and the setting's sketching throughput.
+
+Any run directory works (its ``config.yaml`` names backbone, vocabulary and data, its
+``checkpoints/`` the TracIn checkpoints): the e5-small demo run, whose model has learned its task,
+is the one that matters; the tiny model's nearly parallel gradients flatter every projection.
+Without ``--run-dir`` the tiny model is fine-tuned briefly here (the flattered reference).
 
 Every setting projects the same captured layer inputs and output gradients (one forward and
-backward per batch, ``callbacks.sketching.capture_gradients``) with the engine's own
-``Sketcher.project``; dense Gaussian projections of the exact gradients are shown for
-reference. TracIn score = Σ over checkpoints of cos(g_train, g_test); top-m sets, recall and
-language shares are computed with plain numpy.
+backward per batch, ``callbacks.sketching.capture_gradients``). Exact gradients are streamed: the
+test side (n_test × p float32) is held, each pool batch is scored and dropped. TracIn score = Σ
+over checkpoints of cos(g_train, g_test). Settings:
 
-    python benchmarks/sketch_fidelity.py --run-dir runs/demo/pawsx/full     # that run's checkpoints
-    python benchmarks/sketch_fidelity.py                                     # fine-tunes tiny briefly first
+  kron k=.. [x pairs]  crossling's Kronecker projection (``SketchOptions``), summed over layers;
+  pca k=..             data-dependent Kronecker factors: each side's k columns are the top principal
+                       directions of that layer's inputs [x; 1] / output gradients on a sample of the
+                       *pool* (training data only), with random column signs per layer so the layers'
+                       cross terms vanish in expectation when summed (the LoGra initialisation);
+  count d=..           a count-sketch of each example's materialised exact gradient (one hash/sign per
+                       coordinate): exact cost plus a scatter-add.
+
+    python benchmarks/sketch_fidelity.py --run-dir runs/demo/e5-xnli/full --epochs 1 --test 60
+    python benchmarks/sketch_fidelity.py            # tiny model, fine-tuned here (flattered)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.masks import name_seed  # noqa: E402
-from callbacks.checkpoints import list_checkpoints, load_checkpoint  # noqa: E402
-from callbacks.sketching import Sketcher, SketchOptions, capture_gradients  # noqa: E402
-from datamodules import PAWSXDataModule  # noqa: E402
-from lightning_modules.backbones import build_classifier  # noqa: E402
+from analysis.masks import load_subnetworks, name_seed, resolve_mask  # noqa: E402
+from callbacks.checkpoints import list_checkpoints, load_weights  # noqa: E402
+from callbacks.sketching import Sketcher, SketchOptions, capture_gradients, sketch_batch  # noqa: E402
+from lightning_modules.classifier import SequenceClassifier  # noqa: E402
 
 # the default SketchOptions() must be one of these (it is chosen from this table)
-SETTINGS = [
-    ("kron k=16 sum (paper)", SketchOptions(k=16)),
-    ("kron k=16 x4 pairs", SketchOptions(k=16, pairs=4)),
-    ("kron k=32 sum (default)", SketchOptions(k=32)),
-    ("kron k=32 x2 pairs", SketchOptions(k=32, pairs=2)),
+KRONECKER = [
+    ("kron k=16 (paper)", SketchOptions(k=16)),
+    ("kron k=32 (default)", SketchOptions(k=32)),
     ("kron k=32 x4 pairs", SketchOptions(k=32, pairs=4)),
-    ("kron k=64 sum", SketchOptions(k=64)),
-    ("kron k=64 x2 pairs", SketchOptions(k=64, pairs=2)),
-    ("kron k=8 concat", SketchOptions(k=8, combine="concat")),
-    ("kron k=16 concat", SketchOptions(k=16, combine="concat")),
+    ("kron k=64", SketchOptions(k=64)),
+    ("kron k=64 x4 pairs", SketchOptions(k=64, pairs=4)),
+    ("kron k=128", SketchOptions(k=128)),
 ]
-DENSE = [256, 1024]
+PCA = [32, 64]
+COUNT = [1024, 4096]
 
 
-def fine_tune(model, dm, steps: int, snapshots: int, seed: int = 0) -> list[tuple[str, dict]]:
-    """Plain-torch fine-tuning of the tiny model on the training split (it memorises it: gradients
-    of a model that has learnt something, unlike a near-random one's, which all point alike);
-    returns ``snapshots`` evenly spaced weight copies, the TracIn checkpoints."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    states, step, correct, seen = [], 0, 0, 0
+# -- data-dependent and count-sketch projections ------------------------------------------------------
+class PCASketcher(Sketcher):
+    """Kronecker sketch whose factors are each layer's top-k principal directions (fitted by ``fit``)."""
+
+    def __init__(self, model, options: SketchOptions):
+        super().__init__(model, options)
+        self._fitted: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def fit(self, model, gates, batches, head_mask) -> None:
+        k = self.options.k
+        cx = [torch.zeros(mod.in_features + 1, mod.in_features + 1, dtype=torch.float64) for _, mod in self.layers]
+        cg = [torch.zeros(mod.out_features, mod.out_features, dtype=torch.float64) for _, mod in self.layers]
+        for batch in batches:
+            cap = capture_gradients(model, gates, batch, head_mask, self.layers)
+            keep = cap.token_mask
+            for (i, x), g in zip(cap.records, cap.grads):
+                if g is None:
+                    continue
+                x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+                if keep is not None and x.dim() == 3 and x.shape[1] == keep.shape[1]:
+                    x, g = x * keep[..., None], g * keep[..., None]
+                x, g = x.reshape(-1, x.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()
+                cx[i] += x.T @ x
+                cg[i] += g.T @ g
+        fitted = []
+        for (name, _), a, b in zip(self.layers, cg, cx):
+            sides = []
+            for side, cov in (("out", a), ("in", b)):
+                vecs = torch.linalg.eigh(cov).eigenvectors[:, -k:]  # top k (ascending order)
+                if vecs.shape[1] < k:  # a side narrower than k: pad with zero columns
+                    vecs = torch.cat([vecs, vecs.new_zeros(vecs.shape[0], k - vecs.shape[1])], 1)
+                rng = np.random.default_rng(name_seed("pca-signs", name, side))
+                signs = torch.as_tensor(rng.choice([-1.0, 1.0], size=k))
+                sides.append((vecs * signs).float())
+            fitted.append((sides[0], sides[1]))
+        self._fitted = fitted
+
+    def matrices(self, device, dtype):
+        if self._fitted is None:
+            raise RuntimeError("PCASketcher.fit must run before projecting")
+        return [(a.to(device, dtype), b.to(device, dtype)) for a, b in self._fitted]
+
+
+class CountSketch:
+    """d buckets; coordinate j of the flattened exact gradient goes to bucket h(j) with sign s(j)."""
+
+    def __init__(self, p: int, d: int):
+        rng = np.random.default_rng(name_seed("fidelity-count", p, d))
+        self.d = d
+        self.bucket = torch.as_tensor(rng.integers(0, d, p, dtype=np.int64))
+        self.sign = torch.as_tensor(rng.integers(0, 2, p).astype(np.float32) * 2 - 1)
+
+    def __call__(self, exact: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(exact.shape[0], self.d, dtype=exact.dtype)
+        for row in range(exact.shape[0]):
+            out[row].index_add_(0, self.bucket, exact[row] * self.sign)
+        return out
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+def load_run(run_dir: Path, epochs: list[int] | None):
+    """(module, datamodule, [(label, checkpoint path)]) of a run directory, as its config.yaml built them."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise SystemExit(f"{config_path}: not found (a run directory written by crossling fit has one)")
+    config = yaml.safe_load(config_path.read_text())
+    model_args = {k: v for k, v in config["model"].items() if k not in ("subnetworks", "random_mask_seed")}
+    data = config["data"]
+    module_name, class_name = data["class_path"].rsplit(".", 1)
+    dm = getattr(importlib.import_module(module_name), class_name)(**data["init_args"])
+    dm.setup("fit")
+    module = SequenceClassifier(languages=list(dm.languages), **model_args)
+    checkpoints = list_checkpoints(run_dir)
+    if epochs is not None:
+        missing = set(epochs) - {e for e, _ in checkpoints}
+        if missing:
+            raise SystemExit(f"{run_dir}/checkpoints: no checkpoint for epoch(s) {sorted(missing)}")
+        checkpoints = [(e, p) for e, p in checkpoints if e in epochs]
+    if not checkpoints:
+        raise SystemExit(f"{run_dir}/checkpoints: no epoch=<E>.ckpt files")
+    return module, dm, [(f"epoch={e}", p) for e, p in checkpoints]
+
+
+def tiny_run(steps: int, snapshots: int, tmp: Path):
+    """The tiny model fine-tuned briefly on bundled PAWS-X, with ``snapshots`` checkpoints."""
+    from callbacks.checkpoints import atomic_torch_save
+    from datamodules import PAWSXDataModule
+
+    dm = PAWSXDataModule(train_per_language=300, test_per_language=20, batch_size=32, backbone="tiny")
+    dm.setup("fit")
+    module = SequenceClassifier(backbone="tiny", languages=list(dm.languages))
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    module.train()
     at = {round(steps * (i + 1) / snapshots) for i in range(snapshots)}
+    out, step = [], 0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(0)
         while step < steps:
             for batch in dm.train_dataloader():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss = F.cross_entropy(logits, batch["labels"])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 step += 1
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
-                seen += len(batch["labels"])
                 if step in at:
-                    states.append(
-                        (
-                            f"step {step} (train acc {correct / seen:.2f})",
-                            {k: v.detach().clone() for k, v in model.state_dict().items()},
-                        )
-                    )
-                    correct = seen = 0
+                    path = tmp / f"step={step}.ckpt"
+                    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                    atomic_torch_save({"crossling": {"format": 1, "epoch": step}, "state_dict": state}, path)
+                    out.append((f"step {step}", path))
                 if step >= steps:
                     break
-    model.eval()
-    return states
+    return module, dm, out
 
 
-def dense_matrix(p: int, d: int) -> torch.Tensor:
-    rng = np.random.default_rng(name_seed("fidelity-dense", p, d))
-    return torch.as_tensor((rng.standard_normal((p, d), dtype=np.float32) / np.sqrt(d)).astype(np.float32))
+def sample(dataset, count: int | None, what: str) -> np.ndarray:
+    """``count`` dataset positions (seeded, sorted); all of them when ``count`` is None."""
+    n = len(dataset)
+    if count is None or count >= n:
+        if count is not None and count > n:
+            raise SystemExit(f"--{what} {count}: the run's {what} split has only {n} examples")
+        return np.arange(n)
+    rng = np.random.default_rng(name_seed("fidelity-benchmark", what, count))
+    return np.sort(rng.choice(n, size=count, replace=False))
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+def batches_of(dm, split: str, positions: np.ndarray, size: int):
+    """Length-ordered batches of the given dataset positions (as the sketch stage reads them)."""
+    from datamodules.base import make_collate
+
+    dataset = dm.dataset(split)
+    order = sorted(positions.tolist(), key=lambda i: len(dataset[i].input_ids))
+    collate = make_collate(dm.tokenizer.pad_token_id)
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        batch = collate([dataset[i] for i in chunk])
+        yield np.asarray(chunk), batch
 
 
-def sketch_batches(model, dm, split, exact: Sketcher, sketchers: dict, dense: dict):
-    """Per batch: (dataset indices, languages, {method: unit-normalised (B, d) float32 vectors})."""
-    for batch in dm.eval_dataloader(split):
-        captured = capture_gradients(model, None, batch, None, exact.layers)
-        g = exact.project(captured)
-        out = {"exact": normalise(g)}
-        for name, sk in sketchers.items():
-            out[name] = normalise(sk.project(captured))
-        for name, mat in dense.items():
-            out[name] = normalise(g @ mat)
-        yield batch["indices"].numpy(), batch["langs"].numpy(), {k: v.numpy() for k, v in out.items()}
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm (norms accumulated in float64 without a float64 copy of ``x``)."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64).clamp_min(1e-30)
+    return (x / norm.to(x.dtype)).float()
 
 
+# -- metrics ---------------------------------------------------------------------------------------------
 def top_sets(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     pos = np.argpartition(-scores, m - 1, axis=1)[:, :m]
     neg = np.argpartition(scores, m - 1, axis=1)[:, :m]
@@ -113,126 +216,155 @@ def recall(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(x, y)) / len(y) for x, y in zip(a, b)]))
 
 
-def language_percent(
-    top: np.ndarray, train_langs: np.ndarray, test_langs: np.ndarray, n_lang: int
-) -> np.ndarray:
+def language_percent(top: np.ndarray, train_langs: np.ndarray, test_langs: np.ndarray, n_lang: int) -> np.ndarray:
     """test language × train language: mean % of the top set from that train language."""
     share = np.stack([(train_langs[top] == lang).mean(1) for lang in range(n_lang)], axis=1) * 100
-    return np.stack([share[test_langs == t].mean(0) for t in range(n_lang)])
+    return np.stack([share[test_langs == t].mean(0) for t in range(n_lang) if (test_langs == t).any()])
+
+
+def median_spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.median([spearmanr(x, y).statistic for x, y in zip(a, b)]))
+
+
+def throughput(fn, batch: dict, reps: int = 2) -> float:
+    fn(batch)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn(batch)
+        best = min(best, time.perf_counter() - start)
+    return batch["input_ids"].shape[0] / best
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--run-dir", type=Path, help="use this run's checkpoints (tiny model); default: fine-tune here"
-    )
-    parser.add_argument("--train-per-language", type=int, default=2000)
-    parser.add_argument("--test-per-language", type=int, default=20)
-    parser.add_argument("--top", type=int, default=100)
-    parser.add_argument("--fine-tune-steps", type=int, default=600, help="without --run-dir")
-    parser.add_argument("--snapshots", type=int, default=3, help="checkpoints taken during that fine-tuning")
+    parser.add_argument("--run-dir", type=Path, help="a run directory (default: fine-tune the tiny model here)")
+    parser.add_argument("--epochs", type=int, nargs="+", help="checkpoints to sum over (default: all)")
+    parser.add_argument("--pool", type=int, help="training examples ranked (default: the run's whole train split)")
+    parser.add_argument("--test", type=int, default=60, help="test examples (seeded sample)")
+    parser.add_argument("--mask", default="full", help="gradients under this mask: full or a language's subnetwork")
+    parser.add_argument("--fit-examples", type=int, default=128, help="pool examples the pca factors are fitted on")
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--layers",
-        choices=["all", "encoder"],
-        default="all",
-        help="sketch every linear layer, or the encoder's only (without the classification head, "
-        "whose gradient dominates a small model's)",
-    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-
-    dm = PAWSXDataModule(
-        train_per_language=args.train_per_language,
-        test_per_language=args.test_per_language,
-        eval_batch_size=64,
-        batch_size=32,
-        backbone="tiny",
-    )
-    model = build_classifier("tiny", attn_implementation="eager")
-    states = []
     if args.run_dir:
-        for epoch, path in list_checkpoints(args.run_dir):
-            payload = load_checkpoint(path)
-            states.append(
-                (
-                    f"epoch={epoch}",
-                    {
-                        k.removeprefix("model."): v
-                        for k, v in payload["state_dict"].items()
-                        if k.startswith("model.")
-                    },
-                )
-            )
-        if not states:
-            raise SystemExit(f"{args.run_dir}: no checkpoints")
+        module, dm, checkpoints = load_run(args.run_dir, args.epochs)
+        what = f"{args.run_dir} ({module.hparams.backbone})"
     else:
-        model.set_attn_implementation("sdpa")
-        states = fine_tune(model, dm, args.fine_tune_steps, args.snapshots)
-        model.set_attn_implementation("eager")
+        import tempfile
 
-    layers = None if args.layers == "all" else [r"\.encoder\."]
-    exact = Sketcher(model, SketchOptions(kind="exact", layers=layers))
-    sketchers = {name: Sketcher(model, replace(opts, layers=layers)) for name, opts in SETTINGS}
-    p = exact.dim
-    dense = {f"dense Gaussian d={d}": dense_matrix(p, d) for d in DENSE}
-    train_ds = dm.dataset("train")
-    n_train, n_test = len(train_ds), len(dm.dataset("test"))
-    methods = ["exact", *sketchers, *dense]
-    scores = {name: np.zeros((n_test, n_train)) for name in methods}
-    train_langs = np.array([e.lang for e in train_ds.examples])
-    test_langs = np.array([e.lang for e in dm.dataset("test").examples])
-    for label, state in states:
-        model.load_state_dict(state)
-        test = {name: np.zeros((n_test, 0), dtype=np.float32) for name in methods}
-        parts = list(sketch_batches(model, dm, "test", exact, sketchers, dense))
-        order = np.concatenate([idx for idx, _, _ in parts])
-        test = {
-            name: np.concatenate([vec[name] for _, _, vec in parts])[np.argsort(order)] for name in methods
-        }
-        for idx, _, vec in sketch_batches(model, dm, "train", exact, sketchers, dense):
+        tmp = Path(tempfile.mkdtemp(prefix="crossling-fidelity-"))
+        module, dm, checkpoints = tiny_run(600, 3, tmp)
+        what = "tiny model fine-tuned here (flattered: nearly parallel gradients)"
+    model, gates = module.model, module.gates
+    head_mask = None
+    if args.mask != "full":
+        if not args.run_dir:
+            raise SystemExit("--mask needs --run-dir (its subnetworks/)")
+        subs = load_subnetworks(args.run_dir / "subnetworks", list(dm.languages), gates.shape)
+        head_mask = torch.as_tensor(resolve_mask(args.mask, subs, gates.shape), dtype=torch.float32)
+    train_pos = sample(dm.dataset("train"), args.pool, "pool")
+    test_pos = sample(dm.dataset("test"), args.test, "test")
+    train_langs = np.array([dm.dataset("train")[int(i)].lang for i in train_pos])
+    test_langs = np.array([dm.dataset("test")[int(i)].lang for i in test_pos])
+    column = {int(p): c for c, p in enumerate(train_pos)}
+    row = {int(p): r for r, p in enumerate(test_pos)}
+
+    exact = Sketcher(model, SketchOptions(kind="exact"))
+    sketchers = {name: Sketcher(model, opts) for name, opts in KRONECKER}
+    pcas = {f"pca k={k}": PCASketcher(model, SketchOptions(k=k)) for k in PCA}
+    counts = {f"count d={d}": CountSketch(exact.dim, d) for d in COUNT}
+    methods = ["exact", *sketchers, *pcas, *counts]
+    scores = {name: np.zeros((len(test_pos), len(train_pos))) for name in methods}
+    print(f"fidelity of gradient sketches: {what}; mask {args.mask}; {len(train_pos)} pool x {len(test_pos)} "
+          f"test; {len(exact.layers)} layers, exact p={exact.dim:,}; checkpoints {[c for c, _ in checkpoints]}",
+          flush=True)
+    median_cos = []
+    for label, path in checkpoints:
+        load_weights(module, path)
+        fit_pos = train_pos[np.random.default_rng(name_seed("pca-fit", label)).permutation(len(train_pos))]
+        fit_batches = [b for _, b in batches_of(dm, "train", np.sort(fit_pos[: args.fit_examples]), args.batch_size)]
+        for pca in pcas.values():
+            pca.fit(model, gates, fit_batches, head_mask)
+
+        def project(batch):
+            cap = capture_gradients(model, gates, batch, None if head_mask is None else head_mask, exact.layers)
+            g = exact.project(cap)
+            out = {"exact": unit(g)}
+            out.update({name: unit(sk.project(cap)) for name, sk in {**sketchers, **pcas}.items()})
+            out.update({name: unit(cs(g)) for name, cs in counts.items()})
+            return out
+
+        test_vecs: dict[str, torch.Tensor] = {}  # filled row by row: the exact side is n_test x p
+        for pos, b in batches_of(dm, "test", test_pos, args.batch_size):
+            rows = torch.as_tensor([row[int(p)] for p in pos])
+            for name, vec in project(b).items():
+                if name not in test_vecs:
+                    test_vecs[name] = torch.zeros(len(test_pos), vec.shape[1])
+                test_vecs[name][rows] = vec
+        cos = []
+        for pos, b in batches_of(dm, "train", train_pos, args.batch_size):
+            vec = project(b)
+            cols = [column[int(p)] for p in pos]
             for name in methods:
-                scores[name][:, idx] += test[name] @ vec[name].T
-        cos = scores["exact"] if len(states) == 1 else test["exact"] @ vec["exact"].T
-        print(
-            f"  {label}: sketched {n_train} train + {n_test} test examples; |cos| of the last batch: median "
-            f"{np.median(np.abs(cos)):.3f}, 99th pct {np.percentile(np.abs(cos), 99):.3f} "
-            f"({time.perf_counter() - start:.0f}s)",
-            flush=True,
-        )
+                block = (test_vecs[name] @ vec[name].T).double().numpy()
+                scores[name][:, cols] += block
+                if name == "exact":
+                    cos.append(np.abs(block).ravel())
+        median_cos.append(float(np.median(np.concatenate(cos))))
+        print(f"  {label}: median |cos| of exact gradients {median_cos[-1]:.3f} ({time.perf_counter() - start:.0f}s)",
+              flush=True)
+        del test_vecs
 
-    m = args.top
-    n_lang = len(dm.languages)
-    exact_pos, exact_neg = top_sets(scores["exact"], m)
-    exact_pct = language_percent(exact_pos, train_langs, test_langs, n_lang)
-    exact_pct_neg = language_percent(exact_neg, train_langs, test_langs, n_lang)
-    print(
-        f"\nTracIn fidelity, tiny model, {len(states)} checkpoint(s), {n_train} train x {n_test} test, "
-        f"{args.layers} layers, exact gradient dim p={p}, top-{m}"
+    # throughput: the streaming sketch of one real batch at the median length, per setting
+    mid_batch = next(
+        b for i, (_, b) in enumerate(batches_of(dm, "train", train_pos, 32)) if i >= len(train_pos) // 64
     )
-    print(
-        f"{'setting':<26}{'d':>7}{'k*pairs':>8}{'recall+':>9}{'recall-':>9}{'lang% err+':>11}{'max':>7}"
-        f"{'lang% err-':>11}"
-    )
+    mask_b = None if head_mask is None else head_mask
+    speed = {"exact": throughput(lambda b: sketch_batch(model, gates, b, mask_b, SketchOptions(kind="exact")), mid_batch)}
+    for name, opts in KRONECKER:
+        speed[name] = throughput(lambda b, o=opts: sketch_batch(model, gates, b, mask_b, o), mid_batch)
+    for name, pca in pcas.items():
+        speed[name] = throughput(lambda b, s=pca: s(model, gates, b, mask_b), mid_batch)
+    for name, cs in counts.items():
+        speed[name] = throughput(lambda b, c=cs: c(sketch_batch(model, gates, b, mask_b, SketchOptions(kind="exact"))[0]),
+                                 mid_batch, reps=1)
+
+    n_pool, n_lang = len(train_pos), len(dm.languages)
+    ms = sorted({max(1, round(0.01 * n_pool)), max(1, round(0.05 * n_pool))})
+    exact_sets = {m: top_sets(scores["exact"], m) for m in ms}
+    m5 = ms[-1]
+    exact_pct = [language_percent(s, train_langs, test_langs, n_lang) for s in exact_sets[m5]]
+    print(f"\nTracIn-cosine fidelity vs exact gradients, {len(checkpoints)} checkpoint(s), pool {n_pool}, "
+          f"{len(test_pos)} test; top-m sets m = {' and '.join(map(str, ms))} (1 % and 5 %)")
+    header = f"{'setting':<22}{'d':>7}"
+    for m in ms:
+        header += f"{'rec+@' + str(m):>9}{'rec-@' + str(m):>9}"
+    header += f"{'spearman':>9}{'share+ err':>11}{'max':>6}{'share- err':>11}{'max':>6}{'ex/s':>7}"
+    print(header)
     for name in methods[1:]:
-        pos, neg = top_sets(scores[name], m)
-        pct = language_percent(pos, train_langs, test_langs, n_lang)
-        pct_neg = language_percent(neg, train_langs, test_langs, n_lang)
         if name in sketchers:
-            o = sketchers[name].options
-            d, width = sketchers[name].dim, str(o.k * o.pairs)
+            d = sketchers[name].dim
+        elif name in pcas:
+            d = pcas[name].dim
         else:
-            d, width = dense[name].shape[1], "-"
-        print(
-            f"{name:<26}{d:>7}{width:>8}{recall(pos, exact_pos):>9.3f}{recall(neg, exact_neg):>9.3f}"
-            f"{np.abs(pct - exact_pct).mean():>11.2f}{np.abs(pct - exact_pct).max():>7.2f}"
-            f"{np.abs(pct_neg - exact_pct_neg).mean():>11.2f}"
-        )
-    print(
-        f"(lang% err: mean absolute error of the test x train language percentages, in points; "
-        f"{time.perf_counter() - start:.0f}s)"
-    )
+            d = counts[name].d
+        line = f"{name:<22}{d:>7}"
+        for m in ms:
+            pos, neg = top_sets(scores[name], m)
+            line += f"{recall(pos, exact_sets[m][0]):>9.3f}{recall(neg, exact_sets[m][1]):>9.3f}"
+        pos, neg = top_sets(scores[name], m5)
+        err = [np.abs(language_percent(s, train_langs, test_langs, n_lang) - e) for s, e in zip((pos, neg), exact_pct)]
+        line += f"{median_spearman(scores[name], scores['exact']):>9.3f}"
+        line += f"{err[0].mean():>11.2f}{err[0].max():>6.1f}{err[1].mean():>11.2f}{err[1].max():>6.1f}"
+        line += f"{speed[name]:>7.1f}"
+        print(line, flush=True)
+    print(f"{'exact':<22}{exact.dim:>7}{'':>{18 * len(ms) + 43}}{speed['exact']:>7.1f}")
+    print(f"(share err: |sketched - exact| per-language share of the top-{m5} sets, test x train language cells, "
+          f"percentage points; ex/s: streaming sketch of one batch of 32 at the median length; "
+          f"{time.perf_counter() - start:.0f}s in all)")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
 """Throughput of crossling's gradient sketching against the obvious alternatives, on one model
-and one batch (sequence length 128, random weights and tokens):
+and one batch of real bundled XNLI pairs (tokenised by XLM-R's vocabulary, the batch at the median
+length of the length-ordered evaluation order, as the sketch stage reads them; random weights):
 
   (a) a training step (train mode, SDPA attention as crossling trains, AdamW),
-  (b) crossling's sketching (``sketch_batch``, default options; also with ``attention="sdpa"`` and
-      with the paper's k=16),
+  (b) crossling's sketching (``sketch_batch``, default options; also with ``attention="sdpa"``,
+      with the paper's k=16, under one head mask, and under M masks in one pass: the batch's
+      examples each repeated under M masks, i.e. B/M examples × M masks),
   (c) a naive per-example loop: one backward per example, flatten the gradient of the same
       layers, project it with a count-sketch to the same d,
-  (d) an inference-only forward (eval, ``torch.inference_mode``, SDPA; also eager, the attention
-      sketching uses by default),
+  (d) an inference-only forward (eval, ``torch.inference_mode``, SDPA),
 
 for the tiny model (hidden 64, 4 layers, 4 heads), a small one (hidden 256, 6 layers, 8 heads),
-multilingual-e5-small's shape (BERT layout, hidden 384, 12 heads; 6 and 12 layers) and XLM-R base's. Each number is the best of several interleaved repetitions (the
-machine is shared; the best run is the least disturbed one); on a busy machine ``--threads 1
---clock cpu`` times each call by its own CPU time, which other processes do not inflate. The
-last line is ``ratios: sketch/train_step=<b/a tiny> sketch/naive_base=<b/c base>``.
+multilingual-e5-small's shape (BERT layout, hidden 384, 12 heads; 6 and 12 layers) and XLM-R
+base's. Token ids beyond a shape's vocabulary are folded into it (only lengths matter for time).
+Each number is the best of several interleaved repetitions (the machine is shared; the best run is
+the least disturbed one); on a busy machine ``--threads 1 --clock cpu`` times each call by its own
+CPU time, which other processes do not inflate. The last line is
+``ratios: sketch/train_step=<b/a tiny> sketch/naive_base=<b/c base> sketch/forward=<min over shapes>``.
 
     python benchmarks/sketch_throughput.py --quick
 """
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from callbacks.sketching import SketchOptions, get_sketcher, sketch_batch  # noqa: E402
+from lightning_modules.gates import HeadGates  # noqa: E402
 
 SHAPES = {
     "tiny": dict(
@@ -87,21 +91,59 @@ def build(shape: str, seed: int = 0):
         return model_class(config)
 
 
-def make_batch(batch: int, vocab: int, seed: int = 0) -> dict:
+def real_pairs(count: int = 1500) -> list[list[int]]:
+    """Token ids of bundled XNLI training pairs (XLM-R's vocabulary, as e5-small tokenises them),
+    in the sketch stage's reading order: shortest first."""
+    from datamodules import XNLIDataModule
+
+    dm = XNLIDataModule(
+        source="bundled", train_per_language=count // 5, dev_per_language=1, test_per_language=1, backbone="e5-small"
+    )
+    dm.setup("fit")
+    return sorted((e.input_ids for e in dm.dataset("train").examples), key=len)
+
+
+def make_batch(pairs: list[list[int]], batch: int, vocab: int, seed: int = 0) -> dict:
+    """``batch`` consecutive pairs at the middle of the length order, padded to the longest."""
+    start = max(0, len(pairs) // 2 - batch // 2)
+    rows = pairs[start : start + batch]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), 1, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r) % vocab
+        att[i, : len(r)] = 1
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (batch, LENGTH), generator=g)
-    ids[:, 0] = 0
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": torch.randint(0, 2, (batch,), generator=g),
-    }
+    return {"input_ids": ids, "attention_mask": att, "labels": torch.randint(0, 2, (len(rows),), generator=g)}
+
+
+def random_masks(shape: tuple[int, int], count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` L×H 0/1 masks with about 40 % of the heads off (the demo's subnetworks disable 49-58 %)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand((count, *shape), generator=g) > 0.4).float()
+
+
+class MultiMask:
+    """B/M examples, each under M masks, in one pass (per-example B×L×H gates)."""
+
+    def __init__(self, model, gates: HeadGates, batch: dict, masks: torch.Tensor, options: SketchOptions):
+        m = masks.shape[0]
+        n = batch["input_ids"].shape[0] // m
+        self.batch = {k: v[:n].repeat_interleave(m, 0) for k, v in batch.items()}
+        self.head = masks.repeat(n, 1, 1)
+        self.model, self.gates, self.options = model, gates, options
+
+    def __call__(self):
+        return sketch_batch(self.model, self.gates, self.batch, self.head, self.options)
 
 
 class TrainStep:
     def __init__(self, model, batch):
         self.model, self.batch = model, batch
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+        try:  # as crossling trains (lightning_modules/optim.py): fused where the build has it
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
+        except (RuntimeError, TypeError):
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
 
     def __call__(self):
         self.model.train()
@@ -177,9 +219,10 @@ def measure(fns: dict, reps: int, clock=time.perf_counter) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (< 3 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (about 5 min on 2 cores)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--masks", type=int, default=4, help="M: masks per pass in the several-masks column")
     parser.add_argument(
         "--clock",
         choices=["wall", "cpu"],
@@ -201,26 +244,38 @@ def main(argv: list[str] | None = None) -> None:
     options = SketchOptions()
     variants = {"sdpa": replace(options, attention="sdpa"), "paper": SketchOptions(k=16)}
     plan = {  # batch size, repetitions (quick, full)
-        "tiny": (32, 2, 8),
-        "small": (16, 2, 6),
-        "base": (2, 1, 3),
+        "tiny": (32, 3, 8),
+        "small": (32, 2, 6),
+        "e5-small-6": (32, 2, 5),
+        "e5-small-12": (32, 2, 5),
+        "base": (8, 1, 3),
     }
+    pairs = real_pairs()
+    mid = len(pairs[len(pairs) // 2])
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, sequence length {LENGTH}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; {len(pairs)} bundled "
+        f"XNLI pairs, median length {mid} tokens"
     )
-    print(f"sketch: default {options}; sdpa: the same with attention='sdpa'; paper: k=16 (d=256)")
     print(
-        f"{'model':<6}{'batch':>6}{'train':>8}{'sketch':>8}{'sdpa':>8}{'paper':>8}{'naive':>8}{'fwd':>8}"
-        f"{'fwd-eag':>8}{'sk/train':>10}{'sk/naive':>10}{'sk/fwd':>8}  (examples/s; ratios of the default)",
+        f"sketch: default {options}; sdpa: the same with attention='sdpa'; paper: k=16 (d=256); "
+        f"mask: under one head mask; x{args.masks}: B/{args.masks} examples x {args.masks} masks in one pass "
+        "(example-mask pairs/s)"
+    )
+    print(
+        f"{'model':<12}{'batch':>6}{'width':>6}{'train':>8}{'sketch':>8}{'sdpa':>8}{'paper':>8}{'mask':>8}"
+        f"{'x' + str(args.masks):>8}{'naive':>8}{'fwd':>8}{'sk/train':>10}{'sk/naive':>10}{'sk/fwd':>8}"
+        "  (examples/s; ratios of the default)",
         flush=True,
     )
     results = {}
     for shape in args.models:
         size, quick_reps, full_reps = plan[shape]
         model = build(shape)
-        batch = make_batch(size, SHAPES[shape]["vocab_size"])
+        gates = HeadGates(model)
+        batch = make_batch(pairs, size, SHAPES[shape]["vocab_size"])
+        masks = random_masks(gates.shape, args.masks)
         d = get_sketcher(model, options).dim
-        naive_batch = {k: v[: max(1, size // 2)] for k, v in batch.items()}
+        naive_batch = {k: v[: max(1, size // 4)] for k, v in batch.items()}
         fns = {
             "train": TrainStep(model, batch),
             "sketch": lambda m=model, b=batch: sketch_batch(m, None, b, None, options),
@@ -228,27 +283,29 @@ def main(argv: list[str] | None = None) -> None:
                 name: (lambda m=model, b=batch, o=o: sketch_batch(m, None, b, None, o))
                 for name, o in variants.items()
             },
+            "mask": lambda m=model, g=gates, b=batch, h=masks[0]: sketch_batch(m, g, b, h, options),
+            "multi": MultiMask(model, gates, batch, masks, options),
             "naive": NaiveLoop(model, naive_batch, options, d),
             "fwd": forward(model, batch),
-            "fwd-eager": forward(model, batch, "eager"),
         }
         seconds = measure(fns, quick_reps if args.quick else full_reps, clock)
-        r = {
-            name: (len(naive_batch["labels"]) if name == "naive" else size) / s for name, s in seconds.items()
-        }
+        counts = {"naive": len(naive_batch["labels"]), "multi": fns["multi"].batch["labels"].shape[0]}
+        r = {name: counts.get(name, size) / s for name, s in seconds.items()}
         results[shape] = r
         print(
-            f"{shape:<6}{size:>6}"
+            f"{shape:<12}{size:>6}{batch['input_ids'].shape[1]:>6}"
             + "".join(f"{r[n]:>8.1f}" for n in fns)
             + f"{r['sketch'] / r['train']:>10.2f}{r['sketch'] / r['naive']:>10.2f}{r['sketch'] / r['fwd']:>8.2f}"
             f"   sdpa: {r['sdpa'] / r['train']:.2f} {r['sdpa'] / r['naive']:.2f} {r['sdpa'] / r['fwd']:.2f}",
             flush=True,
         )
+        gates.remove()
         del model, fns
     tiny, base = results.get("tiny"), results.get("base")
     a = f"{tiny['sketch'] / tiny['train']:.2f}" if tiny else "nan"
     c = f"{base['sketch'] / base['naive']:.2f}" if base else "nan"
-    print(f"ratios: sketch/train_step={a} sketch/naive_base={c}")
+    z = min(r["sketch"] / r["fwd"] for r in results.values())
+    print(f"ratios: sketch/train_step={a} sketch/naive_base={c} sketch/forward={z:.2f}")
 
 
 if __name__ == "__main__":

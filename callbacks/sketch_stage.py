@@ -26,11 +26,19 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from analysis.masks import MaskError, condition_masks, load_subnetwork, resolve_mask
+from analysis.masks import MaskError, condition_masks, load_subnetwork, name_seed, resolve_mask
 from analysis.sketch_store import FORMAT, sketch_paths
 
 from .checkpoints import CheckpointError, fingerprint, list_checkpoints, load_weights
-from .sketch_writer import JobWriter, SketchJob, SketchTarget, SketchWriter, rank_share, to_numpy_rows
+from .sketch_writer import (
+    JobWriter,
+    SketchJob,
+    SketchTarget,
+    SketchWriter,
+    rank_share,
+    to_numpy_rows,
+    write_shared_target,
+)
 from .sketching import SketchOptions, get_sketcher, sketch_batch
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,33 @@ def plan_masks(conditions: list[str], languages: list[str]) -> tuple[list[str], 
 
 def _mask_order(name: str) -> tuple[int, str]:
     return (0 if name == "full" else 1, name)
+
+
+def equal_mask_aliases(names: list[str], head_masks: dict[str, np.ndarray | None]) -> dict[str, str]:
+    """mask name -> the earlier name (in mask order) whose mask is equal as an array, for every mask
+    that has one; ``full`` counts as all ones (an all-ones gate is bit-identical to no gate).
+
+    Two languages whose subnetworks coincide, or a union equal to one of its parts, gate the model
+    identically, so their sketches are the same numbers: each is computed once and shared.
+    """
+    aliases: dict[str, str] = {}
+    seen: list[tuple[str, np.ndarray | None]] = []
+    for name in sorted(names, key=_mask_order):
+        mask = head_masks[name]
+        for other, other_mask in seen:
+            if _same_gating(mask, other_mask):
+                aliases[name] = other
+                break
+        else:
+            seen.append((name, mask))
+    return aliases
+
+
+def _same_gating(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        other = b if a is None else a
+        return other is None or bool((np.asarray(other) == 1).all())
+    return np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def mask_rounds(test_masks: dict[str, list[str]]) -> list[dict[str, str]]:
@@ -135,6 +170,8 @@ class SketchModule(pl.LightningModule):
             if job.head_masks[name] is not None:
                 table[lang] = job.head_masks[name]
         self._gated = any(job.head_masks[name] is not None for name in job.lang_masks.values())
+        # the examples this pass writes: a training pool leaves out some of every language's
+        self._wanted = np.unique(np.concatenate([t.indices for t in job.targets.values()]))
         self.register_buffer("mask_table", torch.as_tensor(table), persistent=False)
 
     def predict_dataloader(self):
@@ -146,7 +183,7 @@ class SketchModule(pl.LightningModule):
     def predict_step(self, batch, batch_idx):
         indices = batch["indices"].cpu().numpy()
         langs = batch["langs"].cpu().numpy()
-        keep = np.array([int(lang) in self.job.lang_masks for lang in langs], dtype=bool)
+        keep = np.isin(indices, self._wanted) & np.array([int(lang) in self.job.lang_masks for lang in langs], dtype=bool)
         if not keep.any() or self.writer.is_done(indices[keep], langs[keep]):
             return None
         rows = torch.as_tensor(np.flatnonzero(keep), device=batch["input_ids"].device)
@@ -202,6 +239,19 @@ def target_identity(
     }
 
 
+def train_pool(dataset, per_language: int | None) -> np.ndarray | None:
+    """Dataset indices of the training examples to sketch: per language, the ``per_language`` items
+    whose ids hash lowest (a seeded draw that needs no RNG state), so a parallel task keeps the same
+    items in every language, and a larger pool contains a smaller one. None: every example."""
+    if per_language is None:
+        return None
+    by_lang: dict[int, list[tuple[int, int]]] = {}
+    for e in dataset.examples:
+        by_lang.setdefault(e.lang, []).append((name_seed("influence-pool", str(e.record.id)), e.index))
+    chosen = [index for rows in by_lang.values() for _, index in sorted(rows)[:per_language]]
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
 def make_jobs(
     split: str,
     epoch: int,
@@ -212,11 +262,16 @@ def make_jobs(
     test_masks: dict[str, list[str]],
     head_masks: dict,
     identity,
+    pool: np.ndarray | None = None,
 ) -> list[SketchJob]:
-    """The passes over one split: one per mask for train, one per round for test."""
+    """The passes over one split: one per mask for train, one per round for test. ``pool``
+    restricts the training examples (``train_pool``)."""
     examples = dataset.examples
     all_langs = np.array([e.lang for e in examples], dtype=np.int64)
     all_indices = np.array([e.index for e in examples], dtype=np.int64)
+    if split == "train" and pool is not None:
+        keep = np.isin(all_indices, pool)
+        all_langs, all_indices = all_langs[keep], all_indices[keep]
     if split == "train":
         rounds = [dict.fromkeys(languages, mask) for mask in train_masks]
     else:
@@ -278,6 +333,7 @@ def run_sketch_stage(
     options: SketchOptions,
     epochs: list[int] | None = None,
     subnetworks_dir: Path | None = None,
+    train_per_language: int | None = None,
 ) -> list[Path]:
     """Sketch every checkpoint × mask × split the conditions need; returns the finished ``.npy`` paths.
 
@@ -294,6 +350,7 @@ def run_sketch_stage(
         options: the projection.
         epochs: only these epochs (None: every checkpoint).
         subnetworks_dir: where ``<lang>.json`` masks are (None: ``<run_dir>/subnetworks``).
+        train_per_language: sketch only this many training examples per language (``train_pool``).
     """
     run_dir = Path(run_dir)
     languages = list(datamodule.languages)
@@ -319,14 +376,30 @@ def run_sketch_stage(
         module.gates.shape,
         Path(subnetworks_dir) if subnetworks_dir else run_dir / "subnetworks",
     )
+    aliases = equal_mask_aliases(train_masks, head_masks)
+    sketched_train = [m for m in train_masks if m not in aliases]
+    # a test example is sketched once per distinct mask: an alias whose languages all need its
+    # canonical mask too is read from the canonical's file (which then holds all its rows)
+    test_shared = {
+        alias: canonical
+        for alias, canonical in aliases.items()
+        if all(canonical in masks for masks in test_masks.values() if alias in masks)
+    }
+    sketched_test = {lang: [m for m in masks if m not in test_shared] for lang, masks in test_masks.items()}
     sketcher = get_sketcher(module.model, options)
     writer = find_writer(trainer)
     outputs: list[Path] = []
     say = print if trainer.is_global_zero else (lambda *a, **k: None)
     say(
-        f"sketch: {len(checkpoints)} checkpoint(s) x masks {train_masks} x train/test, "
+        f"sketch: {len(checkpoints)} checkpoint(s) x masks {sketched_train} x train/test, "
         f"d={sketcher.dim} ({options.kind}, k={options.k}, pairs={options.pairs}, {options.combine}) -> {run_dir}/sketches"
     )
+    if aliases:
+        say("  equal masks, sketched once: " + ", ".join(f"{a} = {c}" for a, c in aliases.items()))
+    pool = train_pool(datamodule.dataset("train"), train_per_language)
+    if pool is not None:
+        say(f"  training pool: {pool.size} of {len(datamodule.dataset('train'))} examples ({train_per_language} per language)")
+    passes, sketched, busy = 0, 0, 0.0
     for epoch, ckpt in checkpoints:
         model_fp = fingerprint(ckpt)
         loaded = False
@@ -339,7 +412,8 @@ def run_sketch_stage(
         for split in SPLITS:
             dataset = datamodule.dataset(split)
             for job in make_jobs(
-                split, epoch, run_dir, dataset, languages, train_masks, test_masks, head_masks, identity
+                split, epoch, run_dir, dataset, languages, sketched_train, sketched_test, head_masks, identity,
+                pool if split == "train" else None,
             ):
                 pending = {m: t for m, t in job.targets.items() if not t.is_finished()}
                 outputs += [t.npy for m, t in job.targets.items() if m not in pending]
@@ -358,9 +432,47 @@ def run_sketch_stage(
                 trainer.predict(
                     SketchModule(module, datamodule, job, options, writer), return_predictions=False
                 )
-                say(f"  {job.label}: {n} examples in {time.perf_counter() - start:.1f}s", flush=True)
+                seconds = time.perf_counter() - start
+                say(f"  {job.label}: {n} examples in {seconds:.1f}s ({n / max(seconds, 1e-9):.1f}/s)", flush=True)
+                passes, sketched, busy = passes + 1, sketched + n, busy + seconds
                 outputs += [t.npy for t in pending.values()]
+            if aliases:  # written by rank 0 once the canonical files are finished
+                if trainer.is_global_zero:
+                    outputs += share_equal_masks(
+                        aliases if split == "train" else test_shared, split, epoch, run_dir, dataset, languages,
+                        test_masks, identity, pool if split == "train" else None,
+                    )
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.barrier()
+    if passes:
+        say(f"sketch: {passes} pass(es), {sketched} examples in {busy:.0f}s ({sketched / max(busy, 1e-9):.1f} examples/s)")
     return outputs
+
+
+def share_equal_masks(
+    aliases: dict[str, str], split: str, epoch: int, run_dir: Path, dataset, languages, test_masks, identity,
+    pool: np.ndarray | None = None,
+) -> list[Path]:
+    """Write every aliased mask's file of one split from its equal mask's file (see ``equal_mask_aliases``)."""
+    all_langs = np.array([e.lang for e in dataset.examples], dtype=np.int64)
+    all_indices = np.array([e.index for e in dataset.examples], dtype=np.int64)
+    if pool is not None:
+        keep = np.isin(all_indices, pool)
+        all_langs, all_indices = all_langs[keep], all_indices[keep]
+    written = []
+    for alias, canonical in aliases.items():
+        if split == "train":
+            codes = list(range(len(languages)))
+        else:
+            codes = [languages.index(lang) for lang, masks in test_masks.items() if alias in masks]
+        if not codes:
+            continue
+        npy, _ = sketch_paths(run_dir, epoch, alias, split)
+        target = SketchTarget(npy, identity(split, alias), np.sort(all_indices[np.isin(all_langs, codes)]))
+        if not target.is_finished():
+            write_shared_target(target, sketch_paths(run_dir, epoch, canonical, split)[0], canonical)
+        written.append(npy)
+    return written
 
 
 # -- during fit ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 from analysis.atomic import write_text_atomic as atomic_write_text
-from analysis.sketch_store import SketchError, check_compatible, read_sidecar
+from analysis.sketch_store import ROW_KEYS, SketchError, check_compatible, read_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class SketchTarget:
         held = np.asarray(existing["indices"], dtype=np.int64)
         if np.setdiff1d(self.indices, held).size:
             return False  # needs rows the file lacks (a condition added later): it is rewritten
+        if self.split == "train" and held.size != self.indices.size:
+            return False  # another training pool (influence.train_per_language changed): every mask must hold the same rows
         for stale in self.npy.parent.glob(f"{self.split}.*partial*"):  # a finish killed while tidying up
             stale.unlink(missing_ok=True)
         return True
@@ -317,6 +319,32 @@ def finish_target(
         for path in store.files():
             if path != final_partial:
                 path.unlink(missing_ok=True)
+    return target.npy
+
+
+def write_shared_target(target: SketchTarget, source: Path, same_as: str) -> Path:
+    """Write ``target`` from the rows of a finished file of an equal mask (``source``), without
+    sketching: the rows are the numbers a pass under ``target``'s mask would compute. The sidecar
+    is the target's, plus ``same_as`` naming the mask that was sketched. Temporary names, then
+    renames, as ``finish_target``."""
+    side_src = read_sidecar(source.with_suffix(".json"))
+    array = np.load(source, mmap_mode="r", allow_pickle=False)
+    held = np.asarray(side_src["indices"], dtype=np.int64)
+    pos = np.searchsorted(held, target.indices)
+    if (pos >= held.size).any() or not np.array_equal(held[np.minimum(pos, held.size - 1)], target.indices):
+        raise SketchError(f"{source}: lacks rows {target.npy} needs (it should have been sketched with them)")
+    partial = target.npy.with_name(target.npy.name + ".partial")
+    target.npy.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "wb") as f:
+        np.save(f, np.ascontiguousarray(array[pos]))
+    sidecar = dict(target.identity)
+    sidecar.update({key: [side_src[key][i] for i in pos.tolist()] for key in ROW_KEYS})
+    sidecar.update(n=int(target.indices.size), model_fingerprint=side_src["model_fingerprint"], same_as=same_as)
+    side = target.sidecar_path
+    staged = side.with_name(side.name + ".final")
+    atomic_write_text(staged, json.dumps(sidecar))
+    os.replace(partial, target.npy)
+    os.replace(staged, side)
     return target.npy
 
 

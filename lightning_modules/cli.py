@@ -164,7 +164,7 @@ class CrosslingTrainer(Trainer):
             if stage == "sketch":
                 # influence.epochs (the checkpoints TracIn sums over) also limits what is sketched
                 run_sketch_stage(self, model, datamodule, run_dir, conditions, sketch, epochs=influence.epochs,
-                                 subnetworks_dir=subnetworks_dir)
+                                 subnetworks_dir=subnetworks_dir, train_per_language=influence.train_per_language)
             elif stage == "influence":
                 run_influence(run_dir, conditions, influence, compare)
             elif stage == "fidelity":

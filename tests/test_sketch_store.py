@@ -202,6 +202,70 @@ def test_interrupted_run_resumes_to_the_identical_file(tmp_path, dm3, finished_r
     assert not list(run_dir.glob("sketches/**/*partial*"))
 
 
+def test_equal_masks_are_sketched_once_and_their_files_are_what_a_pass_would_write(tmp_path, dm3, monkeypatch):
+    import callbacks.sketch_stage as stage
+
+    shared, plain = (make_run_dir(tmp_path / name, dm3.languages, epochs=1) for name in ("shared", "plain"))
+    (plain / "checkpoints" / "epoch=0.ckpt").write_bytes((shared / "checkpoints" / "epoch=0.ckpt").read_bytes())
+    for run_dir in (shared, plain):  # plant: de's subnetwork is en's
+        en = (run_dir / "subnetworks" / "en.json").read_text()
+        (run_dir / "subnetworks" / "de.json").write_text(en.replace('"en"', '"de"'))
+    rows = []
+    real = stage.sketch_batch
+    monkeypatch.setattr(stage, "sketch_batch", lambda *a, **k: rows.append(len(a[2]["labels"])) or real(*a, **k))
+    conditions = ["full", "own", "as-de"]  # en's test examples under en's mask and under de's (equal)
+    run_stage(shared, dm3, conditions=conditions)
+    shared_rows = sum(rows)
+    monkeypatch.setattr(stage, "equal_mask_aliases", lambda names, masks: {})  # every mask its own pass
+    rows.clear()
+    run_stage(plain, dm3, conditions=conditions)
+    # en's training pass and its test examples' second pass under the equal mask were not run
+    n_test_en = sum(e.record.lang == "en" for e in dm3.dataset("test").examples)
+    assert sum(rows) - shared_rows == len(dm3.dataset("train")) + n_test_en
+    assert set(list_sketches(shared)) == set(list_sketches(plain))
+    for key in list_sketches(plain):
+        (a, a_side), (b, b_side) = load_sketches(shared, *key), load_sketches(plain, *key)
+        assert a_side.pop("same_as", None) == ("de" if key[1] == "en" else None), key  # de < en: de is sketched
+        if key[2] == "train":  # the very pass the plain run makes for de
+            assert sketch_paths(shared, *key)[0].read_bytes() == sketch_paths(plain, *key)[0].read_bytes(), key
+            assert a_side == b_side, key
+        else:  # en's test rows came from another pass (batched with other languages): equal up to rounding
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(a_side.pop("loss"), b_side.pop("loss"), rtol=1e-5)
+            assert a_side == b_side, key
+
+
+def test_training_pool_keeps_the_same_items_in_every_language_and_only_their_rows(tmp_path, dm3, finished_run):
+    from callbacks.sketch_stage import train_pool
+
+    train = dm3.dataset("train")
+    small, large = train_pool(train, 5), train_pool(train, 9)
+    for pool, n in ((small, 5), (large, 9)):
+        langs = [train[int(i)].lang for i in pool]
+        assert sorted(np.bincount(langs).tolist()) == [n] * len(dm3.languages)
+        ids = [{train[int(i)].record.id for i in pool if train[int(i)].lang == lang} for lang in range(3)]
+        assert ids[0] == ids[1] == ids[2]  # parallel data: the same items in every language
+    assert set(small) <= set(large) and np.array_equal(train_pool(train, 5), small)
+    assert train_pool(train, None) is None
+    reference_dir, _ = finished_run
+    run_dir = make_run_dir(tmp_path / "run", dm3.languages, epochs=1)
+    (run_dir / "checkpoints" / "epoch=0.ckpt").write_bytes((reference_dir / "checkpoints" / "epoch=0.ckpt").read_bytes())
+    run_sketch_stage(make_trainer(), new_module(dm3.languages), dm3, run_dir, ["full", "own"], OPTIONS,
+                     train_per_language=5)
+    for mask in ["full", *dm3.languages]:
+        array, side = load_sketches(run_dir, 0, mask, "train")
+        assert side["indices"] == small.tolist()
+        ref, ref_side = load_sketches(reference_dir, 0, mask, "train")
+        rows = np.searchsorted(ref_side["indices"], small)
+        np.testing.assert_allclose(array, ref[rows], rtol=1e-4, atol=1e-6)
+        test, test_side = load_sketches(run_dir, 0, mask, "test")  # the test side is untouched
+        assert test_side["indices"] == load_sketches(reference_dir, 0, mask, "test")[1]["indices"]
+    # a different pool re-sketches the training files instead of ranking a mix
+    run_sketch_stage(make_trainer(), new_module(dm3.languages), dm3, run_dir, ["full"], OPTIONS,
+                     train_per_language=9)
+    assert load_sketches(run_dir, 0, "full", "train")[1]["indices"] == large.tolist()
+
+
 def test_missing_subnetwork_file_is_named(tmp_path, dm3):
     run_dir = make_run_dir(tmp_path / "run", dm3.languages, epochs=1)
     (run_dir / "subnetworks" / "de.json").unlink()
