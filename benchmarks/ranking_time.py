@@ -1,11 +1,13 @@
 """Time of the ranking stage (exact TracIn top-m, streamed) at the paper's scale.
 
-10,000 training × 2,500 test examples × 5 checkpoints, random float32 sketches of d = 256 (the
-paper's Kronecker sketch) and d = 4096; m = 100, cosine normalisation, per-checkpoint rankings on
-(as the stage runs by default). Prints seconds and two ratios: ranking time over the bare matrix
-products (the cost of exact streaming selection) and float32 over float64 arithmetic.
+10,000 training × 2,500 test examples × 5 checkpoints, random float32 sketches of d = 1024
+(crossling's default Kronecker sketch; ``--dims 256 4096`` for the paper's and a larger one);
+m = 100 most positive and most negative, cosine normalisation, per-checkpoint rankings on (as the
+stage runs by default). Prints seconds, two ratios (ranking time over the bare matrix products,
+i.e. the cost of exact streaming selection; float32 over float64 arithmetic) and the process's
+peak resident memory, which the streaming keeps bounded by ``--memory-mb`` plus the inputs.
 
-    python benchmarks/ranking_time.py [--threads 1] [--dims 256 4096] [--stage]
+    python benchmarks/ranking_time.py [--threads 2] [--dims 1024] [--stage]
 
 ``--threads`` sets the BLAS thread count (set before numpy is imported); ``--stage`` also times
 ``run_influence`` end to end on a temporary run directory of memory-mapped .npy files.
@@ -23,9 +25,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--threads", type=int, default=1, help="BLAS threads (default 1: the machine is shared)"
+        "--threads", type=int, default=2, help="BLAS threads (default 2: this machine's cores)"
     )
-    parser.add_argument("--dims", type=int, nargs="+", default=[256, 4096])
+    parser.add_argument("--dims", type=int, nargs="+", default=[1024])
     parser.add_argument("--n-train", type=int, default=10_000)
     parser.add_argument("--n-test", type=int, default=2_500)
     parser.add_argument("--checkpoints", type=int, default=5)
@@ -74,6 +76,11 @@ def main() -> None:
         if args.stage:
             _time_stage(tests, trains, d, args)
         del tests, trains
+    import resource
+
+    inputs = args.checkpoints * (args.n_test + args.n_train) * max(args.dims) * 4 / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"peak resident memory {peak:.0f} MiB (the float32 inputs alone: {inputs:.0f} MiB)")
 
 
 def _time_stage(tests, trains, d, args) -> None:

@@ -140,12 +140,14 @@ def _base_mask(mask, shape: tuple[int, int], device, dtype) -> torch.Tensor:
 
 
 def accumulate_head_gradients(
-    model: nn.Module, gates: HeadGates, batches: Iterable[dict], mask=None
+    model: nn.Module, gates: HeadGates, batches: Iterable[dict], mask=None, correct: list[int] | None = None
 ) -> tuple[torch.Tensor, int]:
     """Σ_x |dL(x)/dxi| (L×H, float64) over this process's examples, and their number.
 
     ``mask`` (L×H, None = all ones) is the point where the gradient is taken: disabled heads
     stay off. The model runs in eval mode (no dropout); its train/eval mode is restored after.
+    ``correct``, when given, receives each batch's number of correct predictions (the forward
+    pass is the one accuracy at ``mask`` needs, so the pruning search reuses it).
     """
     device = next(model.parameters()).device
     dtype = _gate_dtype(model)
@@ -164,7 +166,10 @@ def accumulate_head_gradients(
                     logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
                 if logits.dtype in (torch.float16, torch.bfloat16):
                     logits = logits.float()
-                loss = F.cross_entropy(logits, batch["labels"].to(device), reduction="sum")
+                labels = batch["labels"].to(device)
+                if correct is not None:
+                    correct.append(int((logits.argmax(-1) == labels).sum()))
+                loss = F.cross_entropy(logits, labels, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, gate)
                 total += grad.abs().sum(0).to(torch.float64)
                 count += size
@@ -206,6 +211,7 @@ def compute_head_importance(
     mask=None,
     normalization: Normalization = "layer_l2",
     gates: HeadGates | None = None,
+    correct: list[int] | None = None,
 ) -> torch.Tensor:
     """HI(i,j) = E_x |dL(x)/dxi(i,j)| over the batches, at ``mask``, normalised (L×H float64, CPU).
 
@@ -217,7 +223,7 @@ def compute_head_importance(
     own = gates is None
     gates = gates if gates is not None else HeadGates(model)
     try:
-        total, count = accumulate_head_gradients(model, gates, batches, mask)
+        total, count = accumulate_head_gradients(model, gates, batches, mask, correct)
     finally:
         if own:
             gates.remove()
@@ -236,11 +242,11 @@ def compute_head_importance(
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, gates: HeadGates, batches: Iterable[dict], mask=None) -> float:
-    """Accuracy of the model with the L×H ``mask`` applied (all-reduced under DDP)."""
+def count_correct(model: nn.Module, gates: HeadGates, batches: Iterable[dict], mask=None) -> tuple[int, int]:
+    """(correct predictions, examples) of this process's batches with the L×H ``mask`` applied."""
     device = next(model.parameters()).device
     gate = None if mask is None else _base_mask(mask, gates.shape, device, _gate_dtype(model))
-    stats = torch.zeros(2, dtype=torch.float64, device=device)
+    correct = total = 0
     was_training = model.training
     model.eval()
     try:
@@ -248,14 +254,24 @@ def evaluate_accuracy(model: nn.Module, gates: HeadGates, batches: Iterable[dict
             ids = batch["input_ids"].to(device)
             with gates.applied(gate):
                 logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
-            stats[0] += (logits.argmax(-1) == batch["labels"].to(device)).sum()
-            stats[1] += ids.shape[0]
+            correct += int((logits.argmax(-1) == batch["labels"].to(device)).sum())
+            total += ids.shape[0]
     finally:
         model.train(was_training)
-    correct, total = _all_reduce_sum(stats).tolist()
+    return correct, total
+
+
+def _accuracy(correct: int, total: int, device) -> float:
+    stats = _all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64, device=device))
+    correct, total = stats.tolist()
     if total == 0:
         raise ValueError("accuracy needs at least one example; the batches were empty")
     return correct / total
+
+
+def evaluate_accuracy(model: nn.Module, gates: HeadGates, batches: Iterable[dict], mask=None) -> float:
+    """Accuracy of the model with the L×H ``mask`` applied (all-reduced under DDP)."""
+    return _accuracy(*count_correct(model, gates, batches, mask), next(model.parameters()).device)
 
 
 # -- pruning ----------------------------------------------------------------------------------
@@ -372,11 +388,25 @@ def language_batches(
     Examples are split between DDP ranks (every ``world``-th) and sorted by length within a
     rank to cut padding; the importance is a mean and the accuracy a count, so order is moot.
     """
-    examples = language_examples(datamodule, split, lang, limit, where)
+    return rank_batches(datamodule, language_examples(datamodule, split, lang, limit, where), batch_size)
+
+
+def rank_batches(datamodule, examples: list, batch_size: int) -> list[dict]:
+    """This rank's share of ``examples`` (every ``world``-th), sorted by length, collated."""
     rank, world = _rank_world()
     mine = sorted(examples[rank::world], key=lambda e: len(e.input_ids))
     collate = make_collate(datamodule.tokenizer.pad_token_id)
     return [collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
+
+
+def importance_within_eval(options: SubnetworkOptions) -> bool:
+    """True when the importance examples are the first ones of the accuracy examples: then one
+    forward pass over them serves both (the search needs importance and accuracy at every mask)."""
+    if options.data_split != options.eval_split:
+        return False
+    if options.eval_examples is None:
+        return True
+    return options.num_examples is not None and options.num_examples <= options.eval_examples
 
 
 def _data_key(datamodule, options: SubnetworkOptions) -> dict:
@@ -423,10 +453,30 @@ def prune_language(
     n_importance, n_eval = (int(c) for c in _all_reduce_sum(counts).tolist())
 
     def importance_fn(mask: np.ndarray) -> np.ndarray:
+        if (key := mask.tobytes()) in reused:
+            return reused.pop(key)
         return compute_head_importance(model, importance_data, mask, options.normalization, gates).numpy()
 
+    # importance at mask M is needed right after accuracy at M (the step that kept M): when the
+    # importance examples lead the accuracy examples, one pass gives both, and only the rest of
+    # the accuracy examples need a forward pass of their own
+    reused: dict[bytes, np.ndarray] = {}
+    fused = importance_within_eval(options)
+    if fused:
+        head = len(language_examples(datamodule, options.data_split, lang, options.num_examples, path))
+        rest = language_examples(datamodule, options.eval_split, lang, options.eval_examples, path)[head:]
+        rest_data = rank_batches(datamodule, rest, batch_size)
+
     def evaluate_fn(mask: np.ndarray) -> float:
-        return evaluate_accuracy(model, gates, eval_data, mask)
+        if not fused:
+            return evaluate_accuracy(model, gates, eval_data, mask)
+        per_batch: list[int] = []
+        importance = compute_head_importance(model, importance_data, mask, options.normalization, gates, per_batch)
+        reused.clear()
+        reused[mask.tobytes()] = importance.numpy()
+        correct, total = count_correct(model, gates, rest_data, mask)
+        seen = sum(len(b["labels"]) for b in importance_data)
+        return _accuracy(correct + sum(per_batch), total + seen, next(model.parameters()).device)
 
     max_steps = (shape[0] * shape[1] - 1) // heads_per_step(shape, options.step_fraction)
     show = options.progress and _rank_world()[0] == 0

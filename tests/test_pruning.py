@@ -271,3 +271,35 @@ def test_callback_searches_the_just_trained_model(tmp_path):
         assert data["checkpoint_epoch"] == 0 and data["num_examples"] == 6
         assert (16 - np.array(data["mask"]).sum()) % 4 == 0
     assert (tmp_path / "subnetworks" / "stats" / "overlap_percent.csv").is_file()
+
+
+def test_one_pass_for_importance_and_accuracy_finds_the_same_subnetwork_with_fewer_forwards(tmp_path, monkeypatch):
+    """Importance examples that lead the accuracy examples share their forward pass: the search's
+    masks, importances and accuracies are those of the separate passes."""
+    import callbacks.subnetworks as subnetworks
+
+    torch.set_num_threads(1)
+    dm, module, _ = make_run(tmp_path, dev_per_language=24)
+    dm.setup("fit")
+    options = SubnetworkOptions(threshold=0.9, step_fraction=0.2, num_examples=8, progress=False)
+    assert subnetworks.importance_within_eval(options)
+    seen = []
+    real_forward = module.model.forward
+    monkeypatch.setattr(module.model, "forward", lambda *a, **k: seen.append(len(k["input_ids"])) or real_forward(*a, **k))
+    fused = subnetworks.prune_language(module, dm, "de", options)
+    fused_rows = sum(seen)
+    monkeypatch.setattr(subnetworks, "importance_within_eval", lambda options: False)
+    seen.clear()
+    separate = subnetworks.prune_language(module, dm, "de", options)
+    assert fused["mask"] == separate["mask"] and fused["stop_reason"] == separate["stop_reason"]
+    np.testing.assert_array_equal(fused["importance"], separate["importance"])
+    assert len(fused["trace"]) == len(separate["trace"]) >= 2
+    for a, b in zip(fused["trace"], separate["trace"]):
+        assert a["disabled"] == b["disabled"] and a["kept"] == b["kept"]
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-12)
+        np.testing.assert_array_equal(a["importance"], b["importance"])
+    assert fused["base_accuracy"] == pytest.approx(separate["base_accuracy"], abs=1e-12)
+    # at every step the separate search reads the 8 importance examples once more
+    assert sum(seen) - fused_rows == 8 * len(separate["trace"])
+    assert not subnetworks.importance_within_eval(SubnetworkOptions(num_examples=30, eval_examples=20))
+    assert not subnetworks.importance_within_eval(SubnetworkOptions(data_split="train"))
