@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, help="a run directory (default: fine-tune the tiny model here)")
     parser.add_argument("--epochs", type=int, nargs="+", help="checkpoints to sum over (default: all)")
     parser.add_argument("--pool", type=int, help="training examples ranked (default: the run's whole train split)")
+    parser.add_argument(
+        "--pool-per-language", type=int, help="rank the study's pool instead: influence.train_per_language items per language"
+    )
     parser.add_argument("--test", type=int, default=60, help="test examples (seeded sample)")
     parser.add_argument("--mask", default="full", help="gradients under this mask: full or a language's subnetwork")
     parser.add_argument("--fit-examples", type=int, default=128, help="pool examples the pca factors are fitted on")
@@ -265,7 +268,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--mask needs --run-dir (its subnetworks/)")
         subs = load_subnetworks(args.run_dir / "subnetworks", list(dm.languages), gates.shape)
         head_mask = torch.as_tensor(resolve_mask(args.mask, subs, gates.shape), dtype=torch.float32)
-    train_pos = sample(dm.dataset("train"), args.pool, "pool")
+    if args.pool_per_language:
+        from callbacks.sketch_stage import train_pool
+
+        train_pos = train_pool(dm.dataset("train"), args.pool_per_language)  # dataset indices = positions
+    else:
+        train_pos = sample(dm.dataset("train"), args.pool, "pool")
     test_pos = sample(dm.dataset("test"), args.test, "test")
     train_langs = np.array([dm.dataset("train")[int(i)].lang for i in train_pos])
     test_langs = np.array([dm.dataset("test")[int(i)].lang for i in test_pos])
