@@ -1,6 +1,6 @@
 """Are translations close in the encoder's space? Mean cosine similarity of sentence
-representations for translation pairs vs non-pairs, on the bundled *test* items (text that
-pretraining never saw), for each backbone given (default: pretrained ``tiny`` vs ``tiny-random``).
+representations for translation pairs vs non-pairs, on the bundled test items,
+for each backbone given (default: ``e5-small`` vs ``tiny-random``).
 
 For each task, the first ``--items`` test items (unique first-field text) are encoded alone
 (``<s> text </s>``) in every language. For each pair of languages: the mean cosine of
@@ -79,7 +79,7 @@ def alignment(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbones", nargs="+", default=["tiny", "tiny-random"])
+    parser.add_argument("--backbones", nargs="+", default=["e5-small", "tiny-random"])
     parser.add_argument("--tasks", nargs="+", default=["pawsx", "xnli"])
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)

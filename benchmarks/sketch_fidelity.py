@@ -148,9 +148,9 @@ def tiny_run(steps: int, snapshots: int, tmp: Path):
     from callbacks.checkpoints import atomic_torch_save
     from datamodules import PAWSXDataModule
 
-    dm = PAWSXDataModule(train_per_language=300, test_per_language=20, batch_size=32, backbone="tiny")
+    dm = PAWSXDataModule(train_per_language=300, test_per_language=20, batch_size=32, backbone="tiny-random")
     dm.setup("fit")
-    module = SequenceClassifier(backbone="tiny", languages=list(dm.languages))
+    module = SequenceClassifier(backbone="tiny-random", languages=list(dm.languages))
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
     module.train()
     at = {round(steps * (i + 1) / snapshots) for i in range(snapshots)}

@@ -1,7 +1,7 @@
 """How much of a bundled task can be learnt from lexical cues alone? A yardstick for the demo.
 
 A study only measures something when its fine-tuned model beats the majority class. When the
-embedded tiny encoder does not, is that the encoder's fault or the data's? This fits a
+small encoder does not, is that the encoder's fault or the data's? This fits a
 logistic regression on features any encoder could pick up from words alone (hashed words of
 the second text, words it shares / does not share with the first, overlap ratios, length
 ratio), trained on the first N training items of every language together, and prints dev

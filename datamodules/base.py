@@ -98,7 +98,7 @@ class TaskDataModule(pl.LightningDataModule):
         eval_batch_size: int = 64,
         batching: Literal["mixed", "language"] = "mixed",
         num_workers: int = 0,
-        backbone: str = "tiny",
+        backbone: str = "tiny-random",
         length_buckets: bool = False,
     ):
         super().__init__()

@@ -188,7 +188,7 @@ def describe_source(task: str, split: str, lang: str, source: str, data_dir=None
 
 
 def iter_bundled_texts(split: str = "train") -> Iterator[str]:
-    """Every text field of every bundled task and language in one split (tokenizer/pretraining corpus)."""
+    """Every text field of every bundled task and language in one split (the tiny tokenizer's corpus, the vocabulary cut)."""
     for task, spec in TASKS.items():
         if not spec.bundled:
             continue

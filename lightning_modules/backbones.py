@@ -17,7 +17,9 @@ import torch
 
 TINY_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 # tiny-bert-random: the same toy size in BERT's layout (multilingual-e5, mBERT), for tests
-TINY_NAMES = ("tiny", "tiny-random", "tiny-bert-random")
+TINY_NAMES = ("tiny-random", "tiny-bert-random")
+# the pretrained tiny encoder of earlier versions bought no transfer (it learned neither task) and was retired
+RETIRED = {"tiny": "tiny-random (the same size, for tests) or e5-small (a real pretrained multilingual encoder)"}
 E5_PACKAGE_NAME = "e5-small"
 
 # XLM-R's architecture at toy size: 4 layers x 4 heads (16 prunable heads).
@@ -39,8 +41,14 @@ def is_tiny(backbone: str) -> bool:
     return backbone in TINY_NAMES
 
 
+def check_backbone(backbone: str) -> None:
+    if backbone in RETIRED:
+        raise ValueError(f"backbone {backbone!r} was retired; use {RETIRED[backbone]}")
+
+
 def load_backbone_tokenizer(backbone: str):
-    """The tokenizer belonging to ``backbone`` (the shipped file for ``tiny``)."""
+    """The tokenizer belonging to ``backbone`` (the shipped file for the tiny test models)."""
+    check_backbone(backbone)
     if is_tiny(backbone):
         from .tokenizer import load_tokenizer
 
@@ -62,8 +70,7 @@ def resolve_backbone(backbone: str) -> str:
 def describe_backbone(backbone: str) -> dict:
     """Which weights a run used, for its config record and report."""
     if is_tiny(backbone):
-        return {"backbone": backbone, "weights": "embedded tiny model (tests only)" if backbone == "tiny"
-                else "random initialisation (tests only)"}
+        return {"backbone": backbone, "weights": "random initialisation (tests only)"}
     if backbone == E5_PACKAGE_NAME:
         from .e5_convert import converted_model_dir, read_source_record
 
@@ -98,6 +105,7 @@ def build_classifier(backbone: str, num_labels: int = 2, attn_implementation: st
 def _build_classifier(backbone, num_labels, attn_implementation, init_seed, dropout, num_layers):
     from transformers import AutoConfig, AutoModelForSequenceClassification, XLMRobertaConfig
 
+    check_backbone(backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         if is_tiny(backbone):
@@ -119,9 +127,6 @@ def _build_classifier(backbone, num_labels, attn_implementation, init_seed, drop
                 model = BertForSequenceClassification(config)
             else:
                 model = XLMRobertaForSequenceClassification(config)
-            weights = TINY_ASSETS / "model.safetensors"
-            if backbone == "tiny" and weights.is_file():
-                load_encoder_weights(model, weights)
         else:
             source = resolve_backbone(backbone)
             config = AutoConfig.from_pretrained(source, num_labels=num_labels)
@@ -231,18 +236,6 @@ def bundled_token_ids(backbone: str) -> list[int]:
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cached, json.dumps(kept))
     return kept
-
-
-def load_encoder_weights(model, path: Path) -> None:
-    """Load pretrained encoder weights (safetensors) into a classifier's ``roberta`` encoder."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    encoder_state = {k.removeprefix("roberta."): v for k, v in state.items() if k.startswith("roberta.")}
-    missing, unexpected = model.roberta.load_state_dict(encoder_state, strict=False)
-    missing = [k for k in missing if "pooler" not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"{path}: encoder weights do not fit the tiny model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 def set_attention_implementation(model, attn_implementation: str) -> None:

