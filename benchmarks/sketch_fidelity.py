@@ -50,9 +50,9 @@ from lightning_modules.classifier import SequenceClassifier  # noqa: E402
 # the default SketchOptions() must be one of these (it is chosen from this table)
 KRONECKER = [
     ("kron k=16 (paper)", SketchOptions(k=16)),
-    ("kron k=32 (default)", SketchOptions(k=32)),
+    ("kron k=32", SketchOptions(k=32)),
     ("kron k=32 x4 pairs", SketchOptions(k=32, pairs=4)),
-    ("kron k=64", SketchOptions(k=64)),
+    ("kron k=64 (default)", SketchOptions(k=64)),
     ("kron k=64 x4 pairs", SketchOptions(k=64, pairs=4)),
     ("kron k=128", SketchOptions(k=128)),
 ]
@@ -129,7 +129,8 @@ def load_run(run_dir: Path, epochs: list[int] | None):
     model_args = {k: v for k, v in config["model"].items() if k not in ("subnetworks", "random_mask_seed")}
     data = config["data"]
     module_name, class_name = data["class_path"].rsplit(".", 1)
-    dm = getattr(importlib.import_module(module_name), class_name)(**data["init_args"])
+    init = {**data["init_args"], "backbone": model_args["backbone"]}  # the CLI links the tokenizer to the model
+    dm = getattr(importlib.import_module(module_name), class_name)(**init)
     dm.setup("fit")
     module = SequenceClassifier(languages=list(dm.languages), **model_args)
     checkpoints = list_checkpoints(run_dir)
