@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
             pca.fit(model, gates, fit_batches, head_mask)
 
         def project(batch):
-            cap = capture_gradients(model, gates, batch, None if head_mask is None else head_mask, exact.layers)
+            cap = capture_gradients(model, gates, batch, head_mask, exact.layers)
             g = exact.project(cap)
             out = {"exact": unit(g)}
             out.update({name: unit(sk.project(cap)) for name, sk in {**sketchers, **pcas}.items()})
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     mid_batch = next(
         b for i, (_, b) in enumerate(batches_of(dm, "train", train_pos, 32)) if i >= len(train_pos) // 64
     )
-    mask_b = None if head_mask is None else head_mask
+    mask_b = head_mask
     speed = {"exact": throughput(lambda b: sketch_batch(model, gates, b, mask_b, SketchOptions(kind="exact")), mid_batch)}
     for name, opts in KRONECKER:
         speed[name] = throughput(lambda b, o=opts: sketch_batch(model, gates, b, mask_b, o), mid_batch)

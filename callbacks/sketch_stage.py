@@ -252,6 +252,16 @@ def train_pool(dataset, per_language: int | None) -> np.ndarray | None:
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
+def split_rows(dataset, pool: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(language codes, dataset indices) of a split's examples, only those in ``pool`` when given."""
+    langs = np.array([e.lang for e in dataset.examples], dtype=np.int64)
+    indices = np.array([e.index for e in dataset.examples], dtype=np.int64)
+    if pool is None:
+        return langs, indices
+    keep = np.isin(indices, pool)
+    return langs[keep], indices[keep]
+
+
 def make_jobs(
     split: str,
     epoch: int,
@@ -266,12 +276,7 @@ def make_jobs(
 ) -> list[SketchJob]:
     """The passes over one split: one per mask for train, one per round for test. ``pool``
     restricts the training examples (``train_pool``)."""
-    examples = dataset.examples
-    all_langs = np.array([e.lang for e in examples], dtype=np.int64)
-    all_indices = np.array([e.index for e in examples], dtype=np.int64)
-    if split == "train" and pool is not None:
-        keep = np.isin(all_indices, pool)
-        all_langs, all_indices = all_langs[keep], all_indices[keep]
+    all_langs, all_indices = split_rows(dataset, pool if split == "train" else None)
     if split == "train":
         rounds = [dict.fromkeys(languages, mask) for mask in train_masks]
     else:
@@ -454,11 +459,7 @@ def share_equal_masks(
     pool: np.ndarray | None = None,
 ) -> list[Path]:
     """Write every aliased mask's file of one split from its equal mask's file (see ``equal_mask_aliases``)."""
-    all_langs = np.array([e.lang for e in dataset.examples], dtype=np.int64)
-    all_indices = np.array([e.index for e in dataset.examples], dtype=np.int64)
-    if pool is not None:
-        keep = np.isin(all_indices, pool)
-        all_langs, all_indices = all_langs[keep], all_indices[keep]
+    all_langs, all_indices = split_rows(dataset, pool)
     written = []
     for alias, canonical in aliases.items():
         if split == "train":
