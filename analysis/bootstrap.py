@@ -112,7 +112,8 @@ def paired_difference(
     return bootstrap_group_means(values_a - values_b, groups, n_groups, n_resamples, seed, level)
 
 
-def excludes_zero(low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Cells whose interval lies entirely on one side of zero."""
+def excludes_zero(low: np.ndarray, high: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """Cells whose interval lies entirely on one side of zero, clear of it by more than ``margin``
+    (the projection's measured error: a change inside it could be the sketch's, not the model's)."""
     low, high = np.asarray(low), np.asarray(high)
-    return (low > 0) | (high < 0)
+    return (low > margin) | (high < -margin)

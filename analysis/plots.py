@@ -35,6 +35,7 @@ class Panel:
         xlabel: x axis label.
         ylabel: y axis label.
         fmt: number format of the annotation.
+        margin: a diverging cell is starred when its CI clears zero by more than this.
     """
 
     title: str
@@ -47,6 +48,7 @@ class Panel:
     xlabel: str = "train language"
     ylabel: str = "test language"
     fmt: str = "{:.1f}"
+    margin: float = 0.0
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -82,7 +84,7 @@ def _draw_heatmap(fig: Figure, ax, panel: Panel) -> None:
     ax.set_ylabel(panel.ylabel)
     ax.set_title(panel.title, fontsize=10)
     has_ci = panel.low is not None and panel.high is not None
-    star = excludes_zero(panel.low, panel.high) if (has_ci and panel.diverging) else np.zeros(m.shape, bool)
+    star = excludes_zero(panel.low, panel.high, panel.margin) if (has_ci and panel.diverging) else np.zeros(m.shape, bool)
     small = m.shape[0] * m.shape[1] <= 64
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):

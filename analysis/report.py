@@ -9,8 +9,10 @@ not exist are listed under "Missing inputs" instead of failing the report.
 Conventions: rows are test languages, columns training languages, in the run's language order;
 only test examples that every compared model classifies correctly enter a comparison (the count per
 language is in every CSV, column ``n_test``); differences are paired over the same test examples;
-every percentage carries a bootstrap CI over test examples, and a difference whose CI excludes zero
-is starred in the heatmaps.
+every percentage carries a bootstrap CI over test examples, and a difference is starred in the
+heatmaps (and ``marked`` in its CSV) when its CI clears zero by more than the projection's share
+error measured by the run's ``fidelity`` stage (``projection_error``; zero when not measured, which
+the report says).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from . import plots
 from .atomic import write_text_atomic as _write_text
+from .bootstrap import excludes_zero
 from .contributions import SIGNS, ContributionTable, write_rows_csv
 from .correlations import (
     SpecialisationPoint,
@@ -56,6 +59,7 @@ from .influence_stage import (
     topk_path,
 )
 from .masks import MaskError, condition_masks, load_subnetworks, resolve_mask
+from .projection_error import ProjectionError, load_projection_error, marking_margin
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,14 @@ class _Report:
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     texts: Mapping[str, Mapping] | None = None
+    margin: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SIGNS, 0.0))
+
+    def marked_note(self) -> str:
+        """What a star means in this report's difference heatmaps."""
+        if not any(self.margin.values()):
+            return "* = 95% CI excludes 0"
+        return ("* = 95% CI clears 0 by more than the projection error "
+                f"({self.margin['pos']:.1f} pp +, {self.margin['neg']:.1f} pp −)")
 
     def path(self, key: str, ext: str) -> Path:
         return self.out / f"{key}.{ext}"
@@ -146,8 +158,13 @@ def _load_sources(
     return out
 
 
-def _table_rows(table: ContributionTable, extra: dict) -> list[dict]:
-    return [{**extra, **row} for row in table.rows()]
+def _table_rows(table: ContributionTable, extra: dict, margin: dict[str, float] | None = None) -> list[dict]:
+    """The table's CSV rows; with ``margin`` (a difference table) each row says whether it is marked."""
+    rows = [{**extra, **row} for row in table.rows()]
+    if margin is not None:
+        for row in rows:
+            row["marked"] = bool(excludes_zero(row["ci_low"], row["ci_high"], margin[row["sign"]]))
+    return rows
 
 
 _TABLE_COLUMNS = ["test_lang", "train_lang", "sign", "percent", "ci_low", "ci_high", "n_test"]
@@ -172,13 +189,16 @@ def _heatmap_item(
             table.ci_low[s],
             table.ci_high[s],
             diverging=diverging,
+            margin=rep.margin[s] if diverging else 0.0,
         )
         for s in SIGNS
     ]
     counts = ", ".join(f"{lang} {int(n)}" for lang, n in zip(table.languages, table.n_test))
-    note = f"test examples per language: {counts}" + ("; * = 95% CI excludes 0" if diverging else "")
+    note = f"test examples per language: {counts}" + (f"; {rep.marked_note()}" if diverging else "")
     png = plots.plot_heatmaps(rep.path(key, "png"), panels, title, note)
-    csv_path = write_rows_csv(rep.path(key, "csv"), _table_rows(table, extra), [*extra, *_TABLE_COLUMNS])
+    rows = _table_rows(table, extra, rep.margin if diverging else None)
+    columns = [*extra, *_TABLE_COLUMNS] + (["marked"] if diverging else [])
+    csv_path = write_rows_csv(rep.path(key, "csv"), rows, columns)
     return Item(key, title, sentence + f" Test examples kept per language: {counts}.", paper, png, csv_path)
 
 
@@ -273,7 +293,8 @@ def _differences(rep: _Report, sources: list[Source]) -> dict[tuple[str, str], C
         sentence = (
             f"Change (percentage points) in each training language's share of the top-{src.top.meta['m']} when "
             f"`{src.condition}` of `{src.label}` replaces `{ref.condition}` of `{ref.label}`, paired over test "
-            "examples both classify correctly; * marks a paired-bootstrap 95% CI that excludes zero."
+            "examples both classify correctly; * marks a paired-bootstrap 95% CI that clears zero by more than the "
+            "projection error (header)."
         )
         rep.items.append(
             _heatmap_item(
@@ -324,6 +345,7 @@ def _focus_language(
                     high,
                     True,
                     ylabel="mask condition",
+                    margin=rep.margin[sign],
                 )
             )
             for (s, t), r_mat, r_low, r_high in zip(rows, mat, low, high):
@@ -339,12 +361,13 @@ def _focus_language(
                             "ci_low": r_low[j],
                             "ci_high": r_high[j],
                             "n_test": int(t.n_test[i]),
+                            "marked": bool(excludes_zero(r_low[j], r_high[j], rep.margin[sign])),
                         }
                     )
         key = _slug(f"focus_{lang}_{label}")
         title = f"{label}: test language {lang}, masks vs full model"
-        png = plots.plot_heatmaps(rep.path(key, "png"), panels, title, "* = 95% CI excludes 0")
-        csv_path = write_rows_csv(rep.path(key, "csv"), csv_rows, ["run", "condition", *_TABLE_COLUMNS])
+        png = plots.plot_heatmaps(rep.path(key, "png"), panels, title, rep.marked_note())
+        csv_path = write_rows_csv(rep.path(key, "csv"), csv_rows, ["run", "condition", *_TABLE_COLUMNS, "marked"])
         sentence = (
             f"For {lang} test examples only: change in each training language's share when the test example is run "
             f"under its own, random (shuffled) or another language's mask instead of the full model, in `{label}`."
@@ -1045,6 +1068,24 @@ def _render_html(rep: _Report, title: str, header_md: list[str]) -> str:
     return "\n".join(parts)
 
 
+def _projection_error_lines(errors: dict[Path, ProjectionError | None], margin: dict[str, float]) -> list[str]:
+    """The header's account of the sketch's own error and of the marking rule built on it."""
+    lines = [
+        f"- projection error of `{run_label(d)}`: "
+        + (e.describe() if e else "not measured (run `crossling analyze --stages [fidelity]`)")
+        for d, e in errors.items()
+    ]
+    if any(margin.values()):
+        lines.append(
+            f"- marked changes (*): the 95% interval clears zero by more than the largest measured share error, "
+            f"{margin['pos']:.2f} pp (positive) / {margin['neg']:.2f} pp (negative); a smaller change could be the "
+            "projection's"
+        )
+    else:
+        lines.append("- marked changes (*): the 95% interval excludes zero (no projection error measured to add)")
+    return lines
+
+
 def write_report(
     run_dir: Path,
     conditions: list[str],
@@ -1057,6 +1098,10 @@ def write_report(
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     rep = _Report(out, options, texts=texts_by_index)
+    errors = {run_dir: load_projection_error(run_dir)}
+    if compare_to is not None:
+        errors[Path(compare_to)] = load_projection_error(compare_to)
+    rep.margin = marking_margin(list(errors.values()))
     kind = detect_run_kind(run_dir, options.run_kind)
     sources = _load_sources(run_dir, conditions, kind, rep, all_present=False)
     run_dirs = [run_dir]
@@ -1105,6 +1150,7 @@ def write_report(
         f"- bootstrap: {options.bootstrap_resamples} resamples over test examples, {int(options.ci_level * 100)}% "
         "percentile intervals (paired for differences); only test examples every compared model classifies correctly",
         f"- languages (axis order): {', '.join(languages)}",
+        *_projection_error_lines(errors, rep.margin),
     ]
     md = _write_text(out / "report.md", _render_markdown(rep, header))
     _write_text(out / "report.html", _render_html(rep, title, header))

@@ -41,21 +41,25 @@ def find_difference_csv(root: Path, run: str, condition: str, ref_run: str, ref_
     return None
 
 
-def in_language_changes(path: Path, sign: str = "pos") -> list[tuple[str, float, float, float]]:
-    """(language, change in pp, CI low, CI high) of each test language's in-language share."""
+def in_language_changes(path: Path, sign: str = "pos") -> list[tuple[str, float, float, float, bool]]:
+    """(language, change in pp, CI low, CI high, marked) of each test language's in-language share;
+    ``marked`` is the report's verdict (the CI clears zero by more than the projection error)."""
     out = []
     for row in _rows(path):
         if row["sign"] == sign and row["test_lang"] == row["train_lang"]:
-            out.append((row["test_lang"], float(row["percent"]), float(row["ci_low"]), float(row["ci_high"])))
+            low, high = float(row["ci_low"]), float(row["ci_high"])
+            marked = row["marked"] == "True" if "marked" in row else (low > 0 or high < 0)
+            out.append((row["test_lang"], float(row["percent"]), low, high, marked))
     return out
 
 
-def describe_changes(changes: list[tuple[str, float, float, float]]) -> str:
-    mean = sum(c for _, c, _, _ in changes) / len(changes)
-    excl = [lang for lang, _, lo, hi in changes if lo > 0 or hi < 0]
-    cells = "; ".join(f"{lang} {c:+.1f} [{lo:+.1f}, {hi:+.1f}]" for lang, c, lo, hi in changes)
+def describe_changes(changes: list[tuple[str, float, float, float, bool]]) -> str:
+    mean = sum(c[1] for c in changes) / len(changes)
+    marked = [lang for lang, *_, mark in changes if mark]
+    cells = "; ".join(f"{lang} {c:+.1f} [{lo:+.1f}, {hi:+.1f}]" for lang, c, lo, hi, _ in changes)
     return (f"{mean:+.1f} pp on average over test languages ({cells}; 95% paired-bootstrap CIs); "
-            + (f"the interval excludes zero for {', '.join(excl)}" if excl else "no interval excludes zero"))
+            + (f"marked (the interval clears zero by more than the projection error) for {', '.join(marked)}"
+               if marked else "none marked (no interval clears zero by more than the projection error)"))
 
 
 def accuracy_sentence(root: Path) -> str | None:

@@ -1,16 +1,21 @@
 """How far the sketches' TracIn rankings are from exact-gradient ones (the ``fidelity`` stage).
 
 On a seeded sample of test and training examples at one checkpoint and one mask, the exact
-per-example gradients of the sketched layers are compared with their projections: recall@m
-of the top-m most positive and most negative sets, Spearman correlation of the scores, and
-the largest change of a language-contribution cell (percentage points). Exact gradients are
-streamed: only the test side (n_test × p) is held, each training batch is scored and dropped,
-so the check scales to a few hundred test examples of any model whose p × n_test fits in memory.
+per-example gradients of the sketched layers are compared with their projections: recall of the
+top-m most positive and most negative sets, Spearman correlation of the scores, and the error of
+the per-language shares of those sets (mean and largest cell, percentage points). The report
+widens every interval it marks by that share error, so a change smaller than the projection's
+own error is never reported as a finding.
+
+Memory stays bounded whatever the sample: exact training gradients are streamed (each batch is
+scored and dropped), and the test side is held in chunks of at most ``max_exact_gb`` (each chunk
+streams the training sample again), so the cost grows with n_test / chunk but memory does not.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,11 +27,16 @@ from torch.utils.data import DataLoader, Subset
 
 from analysis.contributions import language_shares, mean_matrix
 from analysis.masks import condition_masks, load_subnetworks, name_seed, resolve_mask
+from analysis.projection_error import FIDELITY_FILE
 from analysis.tracin import normalize, rank_top_k
 from datamodules.base import make_collate
 
-from .checkpoints import fingerprint, list_checkpoints, load_weights
-from .sketching import SketchOptions, sketch_batch, sketching_mode
+from .checkpoints import CheckpointError, fingerprint, list_checkpoints, load_weights
+from .sketching import SketchOptions, get_sketcher, resolve_precision, sketch_batch, sketching_mode
+
+
+class FidelityError(ValueError):
+    """A fidelity request this run cannot serve (sample larger than the data, memory, ...)."""
 
 
 @dataclass
@@ -34,27 +44,31 @@ class FidelityOptions:
     """The sample the fidelity check runs on.
 
     Args:
-        n_test: test examples (spread over languages by a seeded draw).
-        n_train: training examples ranked for each test example (None: all).
-        m: size of the compared top-m sets (capped at a quarter of n_train).
+        n_test: test examples (a seeded draw over all languages; None: 40, or all when fewer).
+        n_train: training examples ranked for each test example (None: 500, or all when fewer).
+            A number larger than the run's split is refused.
+        m: size of the compared top-m sets (None: 5 % of n_train, the demo's share of its pool).
         condition: mask condition the gradients are taken under (``full``, ``own``, ...).
         epoch: checkpoint to use (None: the last).
         normalization: score normalisation (as in the influence stage).
         batch_size: examples per backward pass.
+        max_exact_gb: memory for the test side's exact gradients; more test examples are taken in chunks.
         seed: sample seed.
     """
 
-    n_test: int = 100
-    n_train: int | None = 2000
-    m: int = 100
+    n_test: int | None = None
+    n_train: int | None = None
+    m: int | None = None
     condition: str = "full"
     epoch: int | None = None
     normalization: str = "cosine"
     batch_size: int = 16
+    max_exact_gb: float = 4.0
     seed: int = 0
 
 
-def _sample(n: int, k: int | None, *names) -> np.ndarray:
+def sample_indices(n: int, k: int | None, *names) -> np.ndarray:
+    """``k`` of ``range(n)``, ascending, drawn from a seed derived from ``names`` (all when k is None)."""
     if k is None or k >= n:
         return np.arange(n)
     rng = np.random.default_rng(name_seed("fidelity", *names))
@@ -74,16 +88,70 @@ def _head_masks(langs: torch.Tensor, per_lang: dict[int, np.ndarray] | None) -> 
     return torch.stack([torch.as_tensor(per_lang[int(lang)], dtype=torch.float32) for lang in langs])
 
 
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+DEFAULT_SAMPLE = {"n_test": 40, "n_train": 500}
+
+
+def sample_sizes(n_train_data: int, n_test_data: int, options: FidelityOptions) -> tuple[int, int]:
+    """(n_train, n_test) of the sample; a requested size the run's split cannot give is refused."""
+    sizes = {}
+    for name, wanted, have in (("n_train", options.n_train, n_train_data), ("n_test", options.n_test, n_test_data)):
+        if wanted is None:
+            sizes[name] = min(DEFAULT_SAMPLE[name], have)
+        elif 1 <= wanted <= have:
+            sizes[name] = wanted
+        else:
+            split = name.split("_")[1]
+            raise FidelityError(f"fidelity.{name}={wanted}: the run's {split} split has {have} examples (give 1..{have})")
+    return sizes["n_train"], sizes["n_test"]
+
+
+def check_memory(n_train: int, n_test: int, options: FidelityOptions, d: int, p: int) -> None:
+    """Refuse, before any work, a sample memory cannot hold (one line)."""
+    # the sketches of the whole sample (float64 scores), one training batch's exact gradients (twice:
+    # the gradient and its normalised copy) and one test example's exact gradient must fit
+    need = 8 * d * (n_train + n_test) + 4 * p * (2 * options.batch_size + 1)
+    available = _available_bytes()
+    if available is not None and need > 0.8 * available:
+        raise FidelityError(
+            f"fidelity with d={d} and p={p} needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is "
+            "available: lower sketch.k, fidelity.n_train or fidelity.batch_size"
+        )
+    if 4 * p > options.max_exact_gb * 2**30:
+        raise FidelityError(
+            f"fidelity.max_exact_gb={options.max_exact_gb} cannot hold one test example's exact gradient "
+            f"({4 * p / 2**30:.2f} GiB for p={p})"
+        )
+
+
 def run_fidelity(module, datamodule, run_dir: Path, sketch: SketchOptions, options: FidelityOptions,
                  subnetworks_dir: Path | None = None) -> Path:
-    """Compare sketched with exact rankings on a sample; writes ``<run>/fidelity/fidelity.json`` (+ .csv)."""
+    """Compare sketched with exact rankings on a sample; writes ``<run>/fidelity/fidelity.json`` (+ nothing
+    else; atomically, so a stopped check leaves no file)."""
     run_dir = Path(run_dir)
     checkpoints = dict(list_checkpoints(run_dir))
     if not checkpoints:
-        from .checkpoints import CheckpointError
-
         raise CheckpointError(f"{run_dir / 'checkpoints'}: no epoch=<E>.ckpt files (run crossling fit first)")
     epoch = max(checkpoints) if options.epoch is None else options.epoch
+    if epoch not in checkpoints:
+        raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint for epoch {epoch} (found {sorted(checkpoints)})")
+    model = module.model
+    device = next(model.parameters()).device
+    sketch = replace(sketch, precision=resolve_precision(sketch.precision, device))
+    d, p = get_sketcher(model, sketch).dim, get_sketcher(model, replace(sketch, kind="exact")).dim
+    n_train_data, n_test_data = len(datamodule.dataset("train")), len(datamodule.dataset("test"))
+    n_train, n_test = sample_sizes(n_train_data, n_test_data, options)
+    check_memory(n_train, n_test, options, d, p)
     load_weights(module, checkpoints[epoch])
     languages = list(datamodule.languages)
     shape = module.gates.shape
@@ -92,53 +160,91 @@ def run_fidelity(module, datamodule, run_dir: Path, sketch: SketchOptions, optio
     if any(name != "full" for name in mask_names.values()):
         subnetworks = load_subnetworks(subnetworks_dir or run_dir / "subnetworks", languages, shape)
         per_lang = {i: resolve_mask(mask_names[lang], subnetworks, shape) for i, lang in enumerate(languages)}
-    exact = replace(sketch, kind="exact")
-    test_idx = _sample(len(datamodule.dataset("test")), options.n_test, "test", options.seed)
-    train_idx = _sample(len(datamodule.dataset("train")), options.n_train, "train", options.seed)
-    model = module.model
-    test_exact, test_sketch, test_langs = [], [], []
-    with sketching_mode(model):
-        for batch in _batches(datamodule, "test", test_idx, options.batch_size):
-            masks = _head_masks(batch["langs"], per_lang)
-            test_exact.append(sketch_batch(model, module.gates, batch, masks, exact)[0].double())
-            test_sketch.append(sketch_batch(model, module.gates, batch, masks, sketch)[0].double())
-            test_langs.append(batch["langs"])
-        test_exact_n = torch.as_tensor(normalize(torch.cat(test_exact).numpy(), options.normalization, "test"))
-        test_sketch_n = normalize(torch.cat(test_sketch).numpy(), options.normalization, "test")
-        exact_scores, train_sketch, train_langs = [], [], []
-        for batch in _batches(datamodule, "train", train_idx, options.batch_size):
-            masks = _head_masks(batch["langs"], per_lang)
-            grads = sketch_batch(model, module.gates, batch, masks, exact)[0].double().numpy()
-            exact_scores.append((test_exact_n @ torch.as_tensor(normalize(grads, options.normalization, "train")).T).numpy())
-            train_sketch.append(sketch_batch(model, module.gates, batch, masks, sketch)[0].double().numpy())
-            train_langs.append(batch["langs"].numpy())
-    exact_scores = np.concatenate(exact_scores, axis=1)
-    sketch_scores = test_sketch_n @ normalize(np.concatenate(train_sketch), options.normalization, "train").T
-    result = compare_scores(sketch_scores, exact_scores, np.concatenate(train_langs), torch.cat(test_langs).numpy(),
-                            len(languages), min(options.m, max(1, len(train_idx) // 4)))
+    test_idx = sample_indices(n_test_data, n_test, "test", options.seed)
+    train_idx = sample_indices(n_train_data, n_train, "train", options.seed)
+    m = options.m or max(1, round(0.05 * len(train_idx)))
+    m = min(m, max(1, len(train_idx) // 4))
+    scores = score_sample(module, datamodule, test_idx, train_idx, per_lang, sketch, options)
+    result = compare_scores(scores.sketch, scores.exact, scores.train_langs, scores.test_langs, len(languages), m)
     result.update(epoch=epoch, checkpoint_fingerprint=fingerprint(checkpoints[epoch]), n_test=len(test_idx),
-                  n_train=len(train_idx), projection=sketch.projection_record(), options=asdict(options))
-    out = run_dir / "fidelity" / "fidelity.json"
+                  n_train=len(train_idx), d=d, p=p, test_chunks=scores.chunks,
+                  projection=sketch.projection_record(), precision=sketch.precision, options=asdict(options))
+    out = run_dir / FIDELITY_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out)
-    print(f"fidelity ({options.condition}, epoch {epoch}, {len(test_idx)} test x {len(train_idx)} train, "
-          f"m={result['m']}): recall pos {result['recall_pos']:.3f}, neg {result['recall_neg']:.3f}, "
-          f"spearman {result['spearman']:.3f}, max contribution diff {result['max_contribution_diff_pp']:.2f} pp")
+    err = result["share_error_pp"]
+    print(f"fidelity ({options.condition}, epoch {epoch}, {len(test_idx)} test x {len(train_idx)} train, m={m}): "
+          f"recall pos {result['recall_pos']:.3f}, neg {result['recall_neg']:.3f}, spearman {result['spearman']:.3f}, "
+          f"share error pos {err['pos']['mean']:.2f}/{err['pos']['max']:.2f} pp, "
+          f"neg {err['neg']['mean']:.2f}/{err['neg']['max']:.2f} pp (mean/max) -> {out}", flush=True)
     return out
+
+
+@dataclass
+class SampleScores:
+    """TracIn scores of a sample at one checkpoint, (n_test, n_train), from sketches and from exact gradients."""
+
+    sketch: np.ndarray
+    exact: np.ndarray
+    train_langs: np.ndarray
+    test_langs: np.ndarray
+    chunks: int
+
+
+def score_sample(module, datamodule, test_idx: np.ndarray, train_idx: np.ndarray,
+                 per_lang: dict[int, np.ndarray] | None, sketch: SketchOptions, options: FidelityOptions) -> SampleScores:
+    """Score every sampled test example against every sampled training example, twice: from the
+    sketches and from exact per-example gradients, the test side held ``max_exact_gb`` at a time."""
+    model = module.model
+    exact = replace(sketch, kind="exact")
+    p = get_sketcher(model, exact).dim
+    chunk = max(1, min(len(test_idx), int(options.max_exact_gb * 2**30 // (4 * p))))
+
+    def grads(batch, options_):
+        masks = _head_masks(batch["langs"], per_lang)
+        return sketch_batch(model, module.gates, batch, masks, options_)[0]
+
+    with sketching_mode(model):
+        test_sketch, test_langs = [], []
+        for batch in _batches(datamodule, "test", test_idx, options.batch_size):
+            test_sketch.append(grads(batch, sketch).double().cpu().numpy())
+            test_langs.append(batch["langs"].cpu().numpy())
+        train_sketch, train_langs = [], []
+        exact_scores = np.zeros((len(test_idx), len(train_idx)))
+        for start in range(0, len(test_idx), chunk):
+            part = test_idx[start : start + chunk]
+            held = torch.cat([grads(b, exact).cpu() for b in _batches(datamodule, "test", part, options.batch_size)])
+            held = torch.as_tensor(normalize(held.numpy(), options.normalization, "test"))
+            col = 0
+            for batch in _batches(datamodule, "train", train_idx, options.batch_size):
+                g = torch.as_tensor(normalize(grads(batch, exact).cpu().numpy(), options.normalization, "train"))
+                exact_scores[start : start + len(part), col : col + len(g)] = (held @ g.T).double().numpy()
+                col += len(g)
+                if start == 0:
+                    train_sketch.append(grads(batch, sketch).double().cpu().numpy())
+                    train_langs.append(batch["langs"].cpu().numpy())
+            del held
+    test_n = normalize(np.concatenate(test_sketch), options.normalization, "test")
+    sketch_scores = test_n @ normalize(np.concatenate(train_sketch), options.normalization, "train").T
+    return SampleScores(sketch_scores, exact_scores, np.concatenate(train_langs), np.concatenate(test_langs),
+                        math.ceil(len(test_idx) / chunk))
 
 
 def compare_scores(approx: np.ndarray, exact: np.ndarray, train_langs: np.ndarray, test_langs: np.ndarray,
                    n_languages: int, m: int) -> dict:
-    """Recall@m (pos/neg), mean per-row Spearman and the largest contribution-cell change (pp)."""
-    out: dict = {"m": int(m)}
+    """Recall of the exact top-m sets (pos/neg), mean per-row Spearman, and the error of the per-language
+    shares of the top-m sets (test × train language cells, pp): ``share_error_pp[sign]`` = mean and max."""
+    out: dict = {"m": int(m), "share_error_pp": {}}
     for sign, largest in (("pos", True), ("neg", False)):
         a, e = rank_top_k(approx, m, largest).idx, rank_top_k(exact, m, largest).idx
         out[f"recall_{sign}"] = float(np.mean([len(set(x) & set(y)) / m for x, y in zip(a, e)]))
         share_a, _ = mean_matrix(language_shares(a, train_langs, n_languages), test_langs, n_languages)
         share_e, _ = mean_matrix(language_shares(e, train_langs, n_languages), test_langs, n_languages)
-        out[f"max_contribution_diff_pp_{sign}"] = float(np.nanmax(np.abs(share_a - share_e)))
+        diff = np.abs(share_a - share_e)
+        out["share_error_pp"][sign] = {"mean": float(np.nanmean(diff)), "max": float(np.nanmax(diff))}
+        out[f"max_contribution_diff_pp_{sign}"] = out["share_error_pp"][sign]["max"]
     out["max_contribution_diff_pp"] = max(out["max_contribution_diff_pp_pos"], out["max_contribution_diff_pp_neg"])
     out["spearman"] = float(np.mean([spearmanr(x, y).statistic for x, y in zip(approx, exact)]))
     return out

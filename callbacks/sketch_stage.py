@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from .sketch_writer import (
     to_numpy_rows,
     write_shared_target,
 )
-from .sketching import SketchOptions, get_sketcher, sketch_batch
+from .sketching import SketchOptions, get_sketcher, resolve_precision, sketch_batch
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "test")
@@ -188,7 +189,7 @@ class SketchModule(pl.LightningModule):
             return None
         rows = torch.as_tensor(np.flatnonzero(keep), device=batch["input_ids"].device)
         device_type = batch["input_ids"].device.type
-        # Lightning may run predict in inference mode and under autocast: sketches need autograd and full precision
+        # Lightning may run predict in inference mode and under autocast: sketches need autograd and set their own precision
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
             sub = {
                 key: batch[key].index_select(0, rows).clone()
@@ -236,6 +237,7 @@ def target_identity(
         "model_fingerprint": model_fingerprint,
         "languages": list(languages),
         "attention": options.attention,
+        "precision": options.precision,
     }
 
 
@@ -362,6 +364,8 @@ def run_sketch_stage(
     if getattr(module, "languages", None) and list(module.languages) != languages:
         raise ValueError(f"model languages {module.languages} differ from the data's {languages}")
     check_trainer(trainer)
+    # "auto" becomes what this device runs, so the sidecars say which precision made the values
+    options = replace(options, precision=resolve_precision(options.precision, trainer.strategy.root_device))
     checkpoints = list_checkpoints(run_dir)
     if epochs is not None:
         wanted = set(epochs)
@@ -397,7 +401,8 @@ def run_sketch_stage(
     say = print if trainer.is_global_zero else (lambda *a, **k: None)
     say(
         f"sketch: {len(checkpoints)} checkpoint(s) x masks {sketched_train} x train/test, "
-        f"d={sketcher.dim} ({options.kind}, k={options.k}, pairs={options.pairs}, {options.combine}) -> {run_dir}/sketches"
+        f"d={sketcher.dim} ({options.kind}, k={options.k}, pairs={options.pairs}, {options.combine}, "
+        f"precision {options.precision}) -> {run_dir}/sketches"
     )
     if aliases:
         say("  equal masks, sketched once: " + ", ".join(f"{a} = {c}" for a, c in aliases.items()))
@@ -503,6 +508,7 @@ class SketchCallback(pl.Callback):
         datamodule = trainer.datamodule
         epoch = trainer.current_epoch
         languages = list(datamodule.languages)
+        self.options = replace(self.options, precision=resolve_precision(self.options.precision, pl_module.device))
         sketcher = get_sketcher(pl_module.model, self.options)
         pending_fp = f"pending:epoch={epoch}"
         for split in self.splits:

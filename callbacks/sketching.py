@@ -66,6 +66,12 @@ class SketchOptions:
         attention: attention kernel while sketching: ``eager`` (plain math, the reference) or ``sdpa``
             (PyTorch's fused kernel: the same per-example gradients up to float rounding on CPU, where it
             is faster; the values do not depend on this choice beyond rounding).
+        precision: the model's matmuls while sketching: ``32`` (float32 throughout), ``bf16`` (the
+            forward and backward under bfloat16 autocast, projections accumulated in float32) or
+            ``auto`` (bf16 where the device multiplies bfloat16 natively: CUDA with bf16, CPUs with
+            AVX-512; else 32). On 2 AVX-512 cores bf16 sketches e5-small about 2.7 x faster with
+            sketches at cosine > 0.9999 to float32 ones and the same recall of exact top sets (README).
+            ``exact`` gradients are always float32.
     """
 
     kind: Literal["kronecker", "exact"] = "kronecker"
@@ -75,6 +81,7 @@ class SketchOptions:
     seed: int = 0
     layers: list[str] | None = None
     attention: Literal["eager", "sdpa"] = "eager"
+    precision: Literal["auto", "32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in ("kronecker", "exact"):
@@ -83,6 +90,8 @@ class SketchOptions:
             raise ValueError(f"sketch combine must be 'sum' or 'concat', found {self.combine!r}")
         if self.attention not in ("eager", "sdpa"):
             raise ValueError(f"sketch attention must be 'eager' or 'sdpa', found {self.attention!r}")
+        if self.precision not in ("auto", "32", "bf16"):
+            raise ValueError(f"sketch precision must be 'auto', '32' or 'bf16', found {self.precision!r}")
         if self.k < 1 or self.pairs < 1:
             raise ValueError(f"sketch k and pairs must be >= 1, found k={self.k}, pairs={self.pairs}")
 
@@ -107,6 +116,29 @@ class SketchOptions:
             "generator": GENERATOR,
             "bias": "x extended with a constant 1",
         }
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``32`` or ``bf16``: what ``auto`` means on this device (see ``SketchOptions.precision``)."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "32"
+    if device.type == "cpu":
+        try:  # oneDNN's own test for native bfloat16 matmuls (AVX-512 and newer)
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32"
+        except (AttributeError, RuntimeError):
+            return "32"
+    return "32"
+
+
+def autocast_for(precision: str, device: torch.device | str):
+    """The autocast context a sketch pass of this precision runs under."""
+    device = torch.device(device)
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 # -- layers and matrices ------------------------------------------------------------------------
@@ -222,12 +254,14 @@ def capture_gradients(
     head_mask: torch.Tensor | None,
     layers: list[tuple[str, nn.Linear]],
     attention: str = "eager",
+    precision: str = "32",
 ) -> Captured:
     """Forward the batch with hooks on ``layers``, then one backward of the summed per-example
     losses to the layers' outputs (parameters frozen: no weight gradient is computed)."""
     records: list[tuple[int, torch.Tensor]] = []
     hooks = _Hooks(layers, lambda i, x, y: records.append((i, x)))
-    with sketching_mode(model, attention), torch.enable_grad():
+    device = batch["input_ids"].device
+    with sketching_mode(model, attention), torch.enable_grad(), autocast_for(precision, device):
         logits, losses = _forward_losses(model, gates, batch, head_mask, hooks)
         grads = torch.autograd.grad(losses.sum(), hooks.outputs, allow_unused=True)
     token_mask = _token_mask(batch["attention_mask"], logits.dtype)
@@ -318,13 +352,14 @@ class Sketcher:
         def on_call(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
             nonlocal out, token_mask
             if out is None:
-                out = self._empty(ids.shape[0], x.device, x.dtype)
+                out = self._empty(ids.shape[0], x.device, torch.promote_types(x.dtype, torch.float32))
                 token_mask = _token_mask(batch["attention_mask"], x.dtype)
             held = [self._input_state(i, x.detach())]  # dropped as soon as the gradient is folded in
             y.register_hook(lambda g: self._fold(i, held.pop(), g, token_mask, out))
 
         hooks = _Hooks(self.layers, on_call)
-        with sketching_mode(model, self.options.attention), torch.enable_grad():
+        precision = "32" if self.options.kind == "exact" else self.options.precision
+        with sketching_mode(model, self.options.attention), torch.enable_grad(), autocast_for(precision, ids.device):
             logits, losses = _forward_losses(model, gates, batch, head_mask, hooks)
             if out is None:
                 raise RuntimeError(
@@ -341,7 +376,7 @@ class Sketcher:
             raise ValueError("this capture holds other layers than the sketcher's")
         batch = captured.losses.shape[0]
         ref = captured.records[0][1]
-        out = self._empty(batch, ref.device, ref.dtype)
+        out = self._empty(batch, ref.device, torch.promote_types(ref.dtype, torch.float32))
         with torch.no_grad():
             for (i, x), g in zip(captured.records, captured.grads):
                 if g is not None:
@@ -389,6 +424,7 @@ class Sketcher:
                 a = a * token_mask[..., None]  # padding contributes nothing
             # pairs join the token axis of the outer-product sum
             target = out[:, i] if self.options.combine == "concat" else out[:, 0]
+            a, state = a.to(out.dtype), state.to(out.dtype)  # bfloat16 passes accumulate in float32
             target.baddbmm_(a.reshape(batch, -1, k).transpose(1, 2), state.reshape(batch, -1, k))
 
 

@@ -22,9 +22,10 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from analysis.influence_stage import InfluenceError, InfluenceOptions, build_report, run_influence
 from analysis.masks import MaskError
+from analysis.projection_error import ProjectionErrorFileError
 from analysis.sketch_store import SketchError
 from callbacks.checkpoints import CheckpointError, EpochCheckpoint, list_checkpoints
-from callbacks.fidelity import FidelityOptions, run_fidelity
+from callbacks.fidelity import FidelityError, FidelityOptions, run_fidelity
 from callbacks.sketch_stage import run_sketch_stage
 from callbacks.sketching import SketchOptions
 from callbacks.subnetworks import SubnetworkOptions, find_subnetworks
@@ -258,7 +259,10 @@ def run_cli(args: list[str] | None = None) -> CrosslingCLI:
     )
 
 
-USER_ERRORS = (DataError, CheckpointError, MaskError, SketchError, InfluenceError, FileNotFoundError, E5FileError)
+USER_ERRORS = (
+    DataError, CheckpointError, MaskError, SketchError, InfluenceError, FidelityError, ProjectionErrorFileError,
+    FileNotFoundError, E5FileError,
+)
 
 
 def _stop_on_sigterm(signum, frame) -> None:

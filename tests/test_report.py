@@ -329,3 +329,51 @@ def test_wilson_interval_matches_the_binomial_coverage():
     assert 0.93 <= covered <= 0.97
     low, high = wilson_interval(0.5, 100)
     assert abs((low + high) / 2 - 0.5) < 1e-12 and 0.09 < high - low < 0.21
+
+
+def _plant_projection_error(run_dir, pos: float, neg: float) -> None:
+    """A fidelity.json as the fidelity stage writes it, with a chosen share error."""
+    (run_dir / "fidelity").mkdir(parents=True, exist_ok=True)
+    (run_dir / "fidelity" / "fidelity.json").write_text(json.dumps({
+        "share_error_pp": {"pos": {"mean": pos / 3, "max": pos}, "neg": {"mean": neg / 3, "max": neg}},
+        "n_test": 30, "n_train": 200, "m": 10, "epoch": 2, "options": {"condition": "full"},
+    }))
+
+
+def test_a_change_inside_the_projection_error_is_not_marked(tmp_path):
+    full, sft = tmp_path / "pawsx" / "full", tmp_path / "pawsx" / "sft"
+    _subnetworks(full)
+    make_run(full, ["full", *LANGS], {"full": LANGS, "en": LANGS, "de": ["de"], "ko": ["ko"]}, seed=1)
+    make_run(sft, ["full", *LANGS], {"full": LANGS, **{lang: [lang] for lang in LANGS}}, seed=2)
+    options = InfluenceOptions(**OPTS)
+    run_influence(full, ["full", "own"], options)
+    run_influence(sft, ["full", "own"], options, compare_to=full)
+    report = sft / "report"
+
+    def diff_rows():
+        build_report(sft, ["full", "own"], options, compare_to=full)
+        rows = []
+        for name in ("diff_pawsx-sft_full_minus_pawsx-full_full.csv", "diff_pawsx-sft_own_minus_pawsx-full_full.csv"):
+            with open(report / name, newline="") as f:
+                rows += list(csv.DictReader(f))
+        return rows
+
+    def clearance(row):  # how far the interval is from containing zero (negative: it contains it)
+        return max(float(row["ci_low"]), -float(row["ci_high"]))
+
+    rows = diff_rows()  # no fidelity stage yet: marked = the interval excludes zero
+    assert [r["marked"] == "True" for r in rows] == [clearance(r) > 0 for r in rows]
+    assert "projection error of `pawsx/sft`: not measured" in (report / "report.md").read_text()
+    # plant an error (in the compared run) between the smallest and the largest clearance of excluding cells
+    clear = sorted(clearance(r) for r in rows if clearance(r) > 0)
+    assert len(clear) >= 2 and clear[0] < clear[-1]
+    error = (clear[0] + clear[-1]) / 2
+    _plant_projection_error(full, pos=error, neg=error)
+    rows = diff_rows()
+    assert [r["marked"] == "True" for r in rows] == [clearance(r) > error for r in rows]
+    assert any(r["marked"] == "False" and clearance(r) > 0 for r in rows)  # excludes zero, inside the error
+    md = (report / "report.md").read_text()
+    assert f"{error:.2f} pp (positive)" in md and "projection error of `pawsx/full`: pos" in md
+    (full / "fidelity" / "fidelity.json").write_text("{}")
+    with pytest.raises(ValueError, match="fidelity.json: expected the fidelity stage's JSON"):
+        build_report(sft, ["full", "own"], options, compare_to=full)

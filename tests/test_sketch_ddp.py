@@ -35,7 +35,7 @@ module = SequenceClassifier(backbone="tiny-random", languages=dm.languages, init
 trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                   inference_mode=False)
-paths = run_sketch_stage(trainer, module, dm, run_dir, ["own"], SketchOptions(k=4, seed=3))
+paths = run_sketch_stage(trainer, module, dm, run_dir, ["own"], SketchOptions(k=4, seed=3, precision="32"))
 print(f"rank {trainer.global_rank} of {trainer.world_size}: {len(paths)} files")
 """
 

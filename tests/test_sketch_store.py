@@ -22,7 +22,7 @@ from callbacks.sketch_writer import SketchWriter
 from callbacks.sketching import SketchOptions, sketch_batch
 from lightning_modules.classifier import SequenceClassifier
 
-OPTIONS = SketchOptions(k=4, seed=3)
+OPTIONS = SketchOptions(k=4, seed=3, precision="32")  # float32: compared with per-example references
 
 
 def make_run_dir(run_dir: Path, languages: list[str], epochs: int = 2) -> Path:
@@ -131,7 +131,7 @@ def test_stage_writes_every_checkpoint_mask_and_split(finished_run, dm3):
                 assert side["langs"] == [e.record.lang for e in want] and side["ids"] == [
                     e.record.id for e in want
                 ]
-                assert side["model_fingerprint"] == fingerprint(ckpt) and side["d"] == 16
+                assert side["model_fingerprint"] == fingerprint(ckpt) and side["d"] == 16 and side["precision"] == "32"
                 assert side["correct"] == [p == lab for p, lab in zip(side["pred"], side["labels"])]
                 # every 5th row against a direct, one-example sketch
                 for row in range(0, len(want), 5):
@@ -155,9 +155,9 @@ def test_finished_files_are_skipped_and_incompatible_ones_refused(finished_run, 
     again = run_stage(run_dir, dm3)
     assert sorted(again) == sorted(paths) and all(p.stat().st_mtime_ns == t for p, t in before.items())
     with pytest.raises(SketchError, match=r"epoch=0/full/train\.json.*projection"):
-        run_stage(run_dir, dm3, options=SketchOptions(k=4, seed=4))
+        run_stage(run_dir, dm3, options=SketchOptions(k=4, seed=4, precision="32"))
     with pytest.raises(SketchError, match=r"epoch=0/full/train\.json.*\bd\b"):
-        run_stage(run_dir, dm3, options=SketchOptions(k=5, seed=3))
+        run_stage(run_dir, dm3, options=SketchOptions(k=5, seed=3, precision="32"))
 
 
 def test_interrupted_run_resumes_to_the_identical_file(tmp_path, dm3, finished_run, monkeypatch):

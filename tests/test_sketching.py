@@ -20,6 +20,7 @@ from callbacks.sketching import (
     capture_gradients,
     get_sketcher,
     projection_matrices,
+    resolve_precision,
     select_layers,
     sketch_batch,
     sketch_dim,
@@ -152,7 +153,7 @@ def test_exact_mode_equals_explicit_per_example_gradients(layout):
 def test_padding_and_batch_composition_do_not_change_a_sketch(attention):
     model = make_tiny_model(LAYERS, HEADS, HIDDEN, VOCAB, attn="sdpa", seed=7, num_labels=3, init_std=0.2)
     gates = HeadGates(model)
-    options = SketchOptions(k=6, seed=3, attention=attention)
+    options = SketchOptions(k=6, seed=3, attention=attention, precision="32")  # bf16 rounds per batch shape
     batch = inputs(batch=6, length=14, seed=8)
     head_mask = random_head_mask(6, seed=9).float()
     full, loss, pred = sketch_batch(model, gates, batch, head_mask, options)
@@ -287,3 +288,26 @@ def test_projecting_a_kept_capture_equals_the_streamed_sketch():
         torch.testing.assert_close(sketcher.project(captured), streamed, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(captured.losses, loss)
     gates.remove()
+
+
+def test_bfloat16_sketches_equal_float32_ones_up_to_rounding():
+    """The bf16 pass (autocast forward/backward, float32 accumulation) estimates the same projection."""
+    model = make_tiny_model(LAYERS, HEADS, HIDDEN, VOCAB, attn="eager", seed=12, num_labels=3, init_std=0.2)
+    gates = HeadGates(model)
+    batch = inputs(batch=6, length=14, seed=13)
+    head_mask = random_head_mask(6, seed=14).float()
+    ref, ref_loss, _ = sketch_batch(model, gates, batch, head_mask, SketchOptions(k=8, seed=2, precision="32"))
+    low, loss, _ = sketch_batch(model, gates, batch, head_mask, SketchOptions(k=8, seed=2, precision="bf16"))
+    assert low.dtype == torch.float32 and low.shape == ref.shape
+    assert not torch.equal(low, ref)  # it did run in bfloat16
+    cos = torch.nn.functional.cosine_similarity(low, ref, dim=1)
+    assert cos.min() > 0.999, cos
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=1e-3)
+    exact = SketchOptions(kind="exact", precision="bf16")  # exact gradients stay float32 whatever is asked
+    e1, _, _ = sketch_batch(model, gates, batch, head_mask, exact)
+    e2, _, _ = sketch_batch(model, gates, batch, head_mask, SketchOptions(kind="exact", precision="32"))
+    assert torch.equal(e1, e2)
+    gates.remove()
+    assert resolve_precision("auto", "cpu") in ("32", "bf16") and resolve_precision("32", "cuda") == "32"
+    with pytest.raises(ValueError, match="precision must be"):
+        SketchOptions(precision="fp8")

@@ -35,5 +35,20 @@ def test_findings_quote_in_language_changes_with_their_intervals(tmp_path):
     assert len(found) == 2
     assert "(paper Fig 2)" in found[0] and "+1.5 pp on average" in found[0]
     assert "de +4.0 [+1.5, +6.5]" in found[0] and "en -1.0 [-3.0, +1.0]" in found[0]
-    assert "excludes zero for de" in found[0] and "-9.0" not in found[0] and "+7.0" not in found[0]
+    assert "marked (the interval clears zero by more than the projection error) for de" in found[0]
+    assert "-9.0" not in found[0] and "+7.0" not in found[0]
     assert "de 0.700 → 0.725" in found[1]
+
+
+def test_findings_follow_the_reports_marking_when_the_csv_has_it(tmp_path):
+    """A change whose interval excludes zero but not the projection error is not called a finding."""
+    report = tmp_path / "full" / "report"
+    report.mkdir(parents=True)
+    (report / "d.csv").write_text(
+        "test_lang,train_lang,sign,percent,ci_low,ci_high,n_test,marked\n"
+        "de,de,pos,2.0,0.5,3.5,30,False\n"
+        "fr,fr,pos,6.0,4.0,8.0,30,True\n"
+    )
+    (report / "items.json").write_text(json.dumps([{"title": "full:own − full:full: change in % of top-50", "csv": "d.csv"}]))
+    (found,) = study_findings(tmp_path)
+    assert found.endswith("for fr.") and "de +2.0 [+0.5, +3.5]" in found
