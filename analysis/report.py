@@ -1175,6 +1175,33 @@ def write_report(
     return md
 
 
+def build_report(
+    run_dir: Path,
+    conditions: list[str],
+    options: InfluenceOptions | None = None,
+    compare_to: Path | None = None,
+    texts_by_index: Mapping[str, Mapping[int, str]] | None = None,
+) -> Path:
+    """Write ``<run_dir>/report/`` (figures, tables, report.md, report.html); returns the report.md path.
+
+    Args:
+        run_dir: the run whose ``influence/<condition>`` rankings are reported.
+        conditions: the conditions to report (missing ones are listed, not fatal).
+        options: the stage options (bootstrap, focus language, drill-down, fidelity reference...).
+        compare_to: another run (e.g. the full fine-tuning run of an SFT run); its rankings, subnetworks
+            and accuracy table are used for the cross-run comparisons.
+        texts_by_index: optional ``{"train": {index: text}, "test": {index: text}}`` for the drill-down
+            (overrides ``options.texts``); rankings store ids, not text.
+    """
+    return write_report(
+        Path(run_dir),
+        conditions,
+        options or InfluenceOptions(),
+        Path(compare_to) if compare_to else None,
+        texts_by_index,
+    )
+
+
 def log_report_to_wandb(report_dir: Path) -> bool:
     """Log the report's figures and tables to the active W&B run; does nothing (False) if there is none.
 

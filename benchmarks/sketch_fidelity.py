@@ -15,6 +15,8 @@ test side (n_test × p float32) is held, each pool batch is scored and dropped. 
 over checkpoints of cos(g_train, g_test). Settings:
 
   kron k=.. [x pairs]  crossling's Kronecker projection (``SketchOptions``), summed over layers;
+  ... bf16             the same, its forward and backward under bfloat16 autocast (``precision="bf16"``,
+                       what ``auto`` picks on AVX-512 CPUs): a second capture of each batch;
   pca k=..             data-dependent Kronecker factors: each side's k columns are the top principal
                        directions of that layer's inputs [x; 1] / output gradients on a sample of the
                        *pool* (training data only), with random column signs per layer so the layers'
@@ -38,23 +40,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.masks import load_subnetworks, name_seed, resolve_mask  # noqa: E402
 from callbacks.checkpoints import list_checkpoints, load_weights  # noqa: E402
+from callbacks.fidelity import compare_scores, sample_indices  # noqa: E402
 from callbacks.sketching import Sketcher, SketchOptions, capture_gradients, sketch_batch  # noqa: E402
 from lightning_modules.classifier import SequenceClassifier  # noqa: E402
 
 # the default SketchOptions() must be one of these (it is chosen from this table)
+FP32 = "32"
 KRONECKER = [
-    ("kron k=16 (paper)", SketchOptions(k=16)),
-    ("kron k=32", SketchOptions(k=32)),
-    ("kron k=32 x4 pairs", SketchOptions(k=32, pairs=4)),
-    ("kron k=64 (default)", SketchOptions(k=64)),
-    ("kron k=64 x4 pairs", SketchOptions(k=64, pairs=4)),
-    ("kron k=128", SketchOptions(k=128)),
+    ("kron k=16 (paper)", SketchOptions(k=16, precision=FP32)),
+    ("kron k=32", SketchOptions(k=32, precision=FP32)),
+    ("kron k=32 x4 pairs", SketchOptions(k=32, pairs=4, precision=FP32)),
+    ("kron k=64", SketchOptions(k=64, precision=FP32)),
+    ("kron k=64 x4 pairs", SketchOptions(k=64, pairs=4, precision=FP32)),
+    ("kron k=128", SketchOptions(k=128, precision=FP32)),
+    ("kron k=64 bf16 (default)", SketchOptions(k=64, precision="bf16")),
 ]
 PCA = [32, 64]
 COUNT = [1024, 4096]
@@ -177,14 +181,10 @@ def tiny_run(steps: int, snapshots: int, tmp: Path):
 
 
 def sample(dataset, count: int | None, what: str) -> np.ndarray:
-    """``count`` dataset positions (seeded, sorted); all of them when ``count`` is None."""
-    n = len(dataset)
-    if count is None or count >= n:
-        if count is not None and count > n:
-            raise SystemExit(f"--{what} {count}: the run's {what} split has only {n} examples")
-        return np.arange(n)
-    rng = np.random.default_rng(name_seed("fidelity-benchmark", what, count))
-    return np.sort(rng.choice(n, size=count, replace=False))
+    """``count`` dataset positions, drawn as the fidelity stage draws them; all when ``count`` is None."""
+    if count is not None and count > len(dataset):
+        raise SystemExit(f"--{what} {count}: the run's {what} split has only {len(dataset)} examples")
+    return sample_indices(len(dataset), count, "train" if what == "pool" else "test", 0)
 
 
 def batches_of(dm, split: str, positions: np.ndarray, size: int):
@@ -204,27 +204,6 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit norm (norms accumulated in float64 without a float64 copy of ``x``)."""
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64).clamp_min(1e-30)
     return (x / norm.to(x.dtype)).float()
-
-
-# -- metrics ---------------------------------------------------------------------------------------------
-def top_sets(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    pos = np.argpartition(-scores, m - 1, axis=1)[:, :m]
-    neg = np.argpartition(scores, m - 1, axis=1)[:, :m]
-    return pos, neg
-
-
-def recall(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean([len(np.intersect1d(x, y)) / len(y) for x, y in zip(a, b)]))
-
-
-def language_percent(top: np.ndarray, train_langs: np.ndarray, test_langs: np.ndarray, n_lang: int) -> np.ndarray:
-    """test language × train language: mean % of the top set from that train language."""
-    share = np.stack([(train_langs[top] == lang).mean(1) for lang in range(n_lang)], axis=1) * 100
-    return np.stack([share[test_langs == t].mean(0) for t in range(n_lang) if (test_langs == t).any()])
-
-
-def median_spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.median([spearmanr(x, y).statistic for x, y in zip(a, b)]))
 
 
 def throughput(fn, batch: dict, reps: int = 2) -> float:
@@ -281,9 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     column = {int(p): c for c, p in enumerate(train_pos)}
     row = {int(p): r for r, p in enumerate(test_pos)}
 
-    exact = Sketcher(model, SketchOptions(kind="exact"))
+    exact = Sketcher(model, SketchOptions(kind="exact", precision=FP32))
     sketchers = {name: Sketcher(model, opts) for name, opts in KRONECKER}
-    pcas = {f"pca k={k}": PCASketcher(model, SketchOptions(k=k)) for k in PCA}
+    low_precision = {name for name, opts in KRONECKER if opts.precision != FP32}
+    pcas = {f"pca k={k}": PCASketcher(model, SketchOptions(k=k, precision=FP32)) for k in PCA}
     counts = {f"count d={d}": CountSketch(exact.dim, d) for d in COUNT}
     methods = ["exact", *sketchers, *pcas, *counts]
     scores = {name: np.zeros((len(test_pos), len(train_pos))) for name in methods}
@@ -302,7 +282,12 @@ def main(argv: list[str] | None = None) -> None:
             cap = capture_gradients(model, gates, batch, head_mask, exact.layers)
             g = exact.project(cap)
             out = {"exact": unit(g)}
-            out.update({name: unit(sk.project(cap)) for name, sk in {**sketchers, **pcas}.items()})
+            fp32 = {name: sk for name, sk in {**sketchers, **pcas}.items() if name not in low_precision}
+            out.update({name: unit(sk.project(cap)) for name, sk in fp32.items()})
+            if low_precision:
+                del cap  # the bfloat16 pass is its own forward and backward
+                cap = capture_gradients(model, gates, batch, head_mask, exact.layers, precision="bf16")
+                out.update({name: unit(sketchers[name].project(cap)) for name in low_precision})
             out.update({name: unit(cs(g)) for name, cs in counts.items()})
             return out
 
@@ -332,23 +317,20 @@ def main(argv: list[str] | None = None) -> None:
         b for i, (_, b) in enumerate(batches_of(dm, "train", train_pos, 32)) if i >= len(train_pos) // 64
     )
     mask_b = head_mask
-    speed = {"exact": throughput(lambda b: sketch_batch(model, gates, b, mask_b, SketchOptions(kind="exact")), mid_batch)}
+    speed = {"exact": throughput(lambda b: sketch_batch(model, gates, b, mask_b, SketchOptions(kind="exact", precision=FP32)), mid_batch)}
     for name, opts in KRONECKER:
         speed[name] = throughput(lambda b, o=opts: sketch_batch(model, gates, b, mask_b, o), mid_batch)
     for name, pca in pcas.items():
         speed[name] = throughput(lambda b, s=pca: s(model, gates, b, mask_b), mid_batch)
     for name, cs in counts.items():
-        speed[name] = throughput(lambda b, c=cs: c(sketch_batch(model, gates, b, mask_b, SketchOptions(kind="exact"))[0]),
+        speed[name] = throughput(lambda b, c=cs: c(sketch_batch(model, gates, b, mask_b, SketchOptions(kind="exact", precision=FP32))[0]),
                                  mid_batch, reps=1)
 
     n_pool, n_lang = len(train_pos), len(dm.languages)
     ms = sorted({max(1, round(0.01 * n_pool)), max(1, round(0.05 * n_pool))})
-    exact_sets = {m: top_sets(scores["exact"], m) for m in ms}
-    m5 = ms[-1]
-    exact_pct = [language_percent(s, train_langs, test_langs, n_lang) for s in exact_sets[m5]]
     print(f"\nTracIn-cosine fidelity vs exact gradients, {len(checkpoints)} checkpoint(s), pool {n_pool}, "
           f"{len(test_pos)} test; top-m sets m = {' and '.join(map(str, ms))} (1 % and 5 %)")
-    header = f"{'setting':<22}{'d':>7}"
+    header = f"{'setting':<26}{'d':>7}"
     for m in ms:
         header += f"{'rec+@' + str(m):>9}{'rec-@' + str(m):>9}"
     header += f"{'spearman':>9}{'share+ err':>11}{'max':>6}{'share- err':>11}{'max':>6}{'ex/s':>7}"
@@ -360,19 +342,19 @@ def main(argv: list[str] | None = None) -> None:
             d = pcas[name].dim
         else:
             d = counts[name].d
-        line = f"{name:<22}{d:>7}"
-        for m in ms:
-            pos, neg = top_sets(scores[name], m)
-            line += f"{recall(pos, exact_sets[m][0]):>9.3f}{recall(neg, exact_sets[m][1]):>9.3f}"
-        pos, neg = top_sets(scores[name], m5)
-        err = [np.abs(language_percent(s, train_langs, test_langs, n_lang) - e) for s, e in zip((pos, neg), exact_pct)]
-        line += f"{median_spearman(scores[name], scores['exact']):>9.3f}"
-        line += f"{err[0].mean():>11.2f}{err[0].max():>6.1f}{err[1].mean():>11.2f}{err[1].max():>6.1f}"
+        line = f"{name:<26}{d:>7}"
+        verdicts = [compare_scores(scores[name], scores["exact"], train_langs, test_langs, n_lang, m) for m in ms]
+        for v in verdicts:
+            line += f"{v['recall_pos']:>9.3f}{v['recall_neg']:>9.3f}"
+        err = verdicts[-1]["share_error_pp"]
+        line += f"{verdicts[-1]['spearman']:>9.3f}"
+        line += f"{err['pos']['mean']:>11.2f}{err['pos']['max']:>6.1f}{err['neg']['mean']:>11.2f}{err['neg']['max']:>6.1f}"
         line += f"{speed[name]:>7.1f}"
         print(line, flush=True)
-    print(f"{'exact':<22}{exact.dim:>7}{'':>{18 * len(ms) + 43}}{speed['exact']:>7.1f}")
-    print(f"(share err: |sketched - exact| per-language share of the top-{m5} sets, test x train language cells, "
-          f"percentage points; ex/s: streaming sketch of one batch of 32 at the median length; "
+    print(f"{'exact':<26}{exact.dim:>7}{'':>{18 * len(ms) + 43}}{speed['exact']:>7.1f}")
+    print(f"(spearman: mean over test examples; share err: |sketched - exact| per-language share of the top-{ms[-1]} "
+          "sets, test x train language cells, percentage points, as the fidelity stage reports it; ex/s: streaming "
+          "sketch of one batch of 32 at the median length; "
           f"{time.perf_counter() - start:.0f}s in all)")
 
 

@@ -3,12 +3,14 @@ and one batch of real bundled XNLI pairs (tokenised by XLM-R's vocabulary, the b
 length of the length-ordered evaluation order, as the sketch stage reads them; random weights):
 
   (a) a training step (train mode, SDPA attention as crossling trains, AdamW),
-  (b) crossling's sketching (``sketch_batch``, default options; also with ``attention="sdpa"``,
+  (b) crossling's sketching (``sketch_batch``, default options, i.e. bfloat16 autocast where the CPU
+      has AVX-512; also in float32 (the default before, for before/after), with ``attention="sdpa"``,
       with the paper's k=16, under one head mask, and under M masks in one pass: the batch's
       examples each repeated under M masks, i.e. B/M examples × M masks),
   (c) a naive per-example loop: one backward per example, flatten the gradient of the same
       layers, project it with a count-sketch to the same d,
-  (d) an inference-only forward (eval, ``torch.inference_mode``, SDPA),
+  (d) an inference-only forward (eval, ``torch.inference_mode``, SDPA), in float32 (the ratios' unit)
+      and under bfloat16 autocast,
 
 for the tiny model (hidden 64, 4 layers, 4 heads), a small one (hidden 256, 6 layers, 8 heads),
 multilingual-e5-small's shape (BERT layout, hidden 384, 12 heads; 6 and 12 layers) and XLM-R
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from callbacks.sketching import SketchOptions, get_sketcher, sketch_batch  # noqa: E402
+from callbacks.sketching import SketchOptions, autocast_for, get_sketcher, resolve_precision, sketch_batch  # noqa: E402
 from lightning_modules.gates import HeadGates  # noqa: E402
 
 SHAPES = {
@@ -193,11 +195,11 @@ class NaiveLoop:
         return torch.stack(out)
 
 
-def forward(model, batch, attention: str = "sdpa"):
+def forward(model, batch, attention: str = "sdpa", precision: str = "32"):
     def run():
         model.eval()
         model.set_attn_implementation(attention)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_for(precision, "cpu"):
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         model.set_attn_implementation("sdpa")
 
@@ -242,7 +244,12 @@ def main(argv: list[str] | None = None) -> None:
             "(--threads 1 --clock cpu is robust to other processes)"
         )
     options = SketchOptions()
-    variants = {"sdpa": replace(options, attention="sdpa"), "paper": SketchOptions(k=16)}
+    precision = resolve_precision(options.precision, "cpu")
+    variants = {
+        "fp32": replace(options, precision="32"),  # the default before precision="auto"
+        "sdpa": replace(options, attention="sdpa"),
+        "paper": SketchOptions(k=16),
+    }
     plan = {  # batch size, repetitions (quick, full)
         "tiny": (32, 3, 8),
         "small": (32, 2, 6),
@@ -257,14 +264,15 @@ def main(argv: list[str] | None = None) -> None:
         f"XNLI pairs, median length {mid} tokens"
     )
     print(
-        f"sketch: default {options}; sdpa: the same with attention='sdpa'; paper: k=16 (d=256); "
-        f"mask: under one head mask; x{args.masks}: B/{args.masks} examples x {args.masks} masks in one pass "
-        "(example-mask pairs/s)"
+        f"sketch: default {options} (precision auto = {precision} here); fp32: the same in float32 (the "
+        "default before precision auto); sdpa: attention='sdpa'; paper: k=16 (d=256); mask: under one head "
+        f"mask; x{args.masks}: B/{args.masks} examples x {args.masks} masks in one pass (example-mask pairs/s); "
+        "train: float32 training step; fwd: float32 inference forward; fwd16: the same under bfloat16 autocast"
     )
     print(
-        f"{'model':<12}{'batch':>6}{'width':>6}{'train':>8}{'sketch':>8}{'sdpa':>8}{'paper':>8}{'mask':>8}"
-        f"{'x' + str(args.masks):>8}{'naive':>8}{'fwd':>8}{'sk/train':>10}{'sk/naive':>10}{'sk/fwd':>8}"
-        "  (examples/s; ratios of the default)",
+        f"{'model':<12}{'batch':>6}{'width':>6}{'train':>8}{'sketch':>8}{'fp32':>8}{'sdpa':>8}{'paper':>8}{'mask':>8}"
+        f"{'x' + str(args.masks):>8}{'naive':>8}{'fwd':>8}{'fwd16':>8}{'sk/train':>10}{'sk/naive':>10}{'sk/fwd':>8}"
+        f"{'sk/fwd16':>9}{'fp32/fwd':>9}  (examples/s; ratios of the default)",
         flush=True,
     )
     results = {}
@@ -287,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
             "multi": MultiMask(model, gates, batch, masks, options),
             "naive": NaiveLoop(model, naive_batch, options, d),
             "fwd": forward(model, batch),
+            "fwd16": forward(model, batch, precision="bf16"),
         }
         seconds = measure(fns, quick_reps if args.quick else full_reps, clock)
         counts = {"naive": len(naive_batch["labels"]), "multi": fns["multi"].batch["labels"].shape[0]}
@@ -296,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{shape:<12}{size:>6}{batch['input_ids'].shape[1]:>6}"
             + "".join(f"{r[n]:>8.1f}" for n in fns)
             + f"{r['sketch'] / r['train']:>10.2f}{r['sketch'] / r['naive']:>10.2f}{r['sketch'] / r['fwd']:>8.2f}"
-            f"   sdpa: {r['sdpa'] / r['train']:.2f} {r['sdpa'] / r['naive']:.2f} {r['sdpa'] / r['fwd']:.2f}",
+            f"{r['sketch'] / r['fwd16']:>9.2f}{r['fp32'] / r['fwd']:>9.2f}",
             flush=True,
         )
         gates.remove()
@@ -305,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     a = f"{tiny['sketch'] / tiny['train']:.2f}" if tiny else "nan"
     c = f"{base['sketch'] / base['naive']:.2f}" if base else "nan"
     z = min(r["sketch"] / r["fwd"] for r in results.values())
+    before = min(r["fp32"] / r["fwd"] for r in results.values())
+    print(f"before (float32 sketch): sketch/forward={before:.2f} (the lowest over shapes)")
     print(f"ratios: sketch/train_step={a} sketch/naive_base={c} sketch/forward={z:.2f}")
 
 

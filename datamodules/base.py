@@ -17,6 +17,7 @@ from .samplers import LanguageBatchSampler, RankSlicedBatchSampler
 from .sampling import sample_independent, sample_parallel
 from .sources import Record, describe_source, read_split
 from .tasks import TASKS
+from .tokenizers import load_tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,7 @@ class TaskDataModule(pl.LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from lightning_modules.backbones import load_backbone_tokenizer
-
-            self._tokenizer = load_backbone_tokenizer(self.backbone)
+            self._tokenizer = load_tokenizer_for(self.backbone)
         return self._tokenizer
 
     def load_records(self, split: str) -> list[Record]:

@@ -8,10 +8,7 @@ metrics and every later stage's outputs live under it (see README, "Outputs").
 from __future__ import annotations
 
 import csv
-import signal
 import sys
-import threading
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -20,19 +17,16 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
-from analysis.influence_stage import InfluenceError, InfluenceOptions, build_report, run_influence
-from analysis.masks import MaskError
-from analysis.projection_error import ProjectionErrorFileError
-from analysis.sketch_store import SketchError
+from analysis.influence_stage import InfluenceOptions, run_influence
+from analysis.report import build_report
 from callbacks.checkpoints import CheckpointError, EpochCheckpoint, list_checkpoints
-from callbacks.fidelity import FidelityError, FidelityOptions, run_fidelity
+from callbacks.fidelity import FidelityOptions, run_fidelity
 from callbacks.sketch_stage import run_sketch_stage
 from callbacks.sketching import SketchOptions
 from callbacks.subnetworks import SubnetworkOptions, find_subnetworks
-from datamodules import DataError, TaskDataModule
+from datamodules import TaskDataModule
 
 from .classifier import SequenceClassifier
-from .e5_file import E5FileError
 from .explain import example_texts, print_explanation
 
 
@@ -257,58 +251,3 @@ def run_cli(args: list[str] | None = None) -> CrosslingCLI:
         parser_kwargs={"prog": "crossling"},
         auto_configure_optimizers=False,
     )
-
-
-USER_ERRORS = (
-    DataError, CheckpointError, MaskError, SketchError, InfluenceError, FidelityError, ProjectionErrorFileError,
-    FileNotFoundError, E5FileError,
-)
-
-
-def _stop_on_sigterm(signum, frame) -> None:
-    # Lightning only notes a SIGTERM and carries on; a user's kill should stop the command.
-    # Every stage writes atomically, so re-running the same command resumes where it stopped.
-    print("crossling: stopped by SIGTERM; run the same command again to resume", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
-
-
-QUIET = [
-    # known, harmless library notices that would bury crossling's own progress lines
-    ".*isinstance\\(treespec, LeafSpec\\).*",
-    ".*custom batch sampler.*for prediction.*",
-    ".*Experiment logs directory .* exists and is not empty.*",
-]
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    for pattern in QUIET:
-        warnings.filterwarnings("ignore", message=pattern)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    try:
-        if args and args[0] == "study":
-            from .study import study_main
-
-            study_main(args[1:])
-        elif args and args[0] == "pretrain":
-            raise SystemExit(
-                "crossling pretrain was retired: the tiny encoder it trained learned neither task; "
-                "study e5-small (the demo) or a hub encoder such as xlm-roberta-base"
-            )
-        else:
-            run_cli(argv)
-    except Exception as err:
-        # jsonargparse wraps errors raised while building classes: look down the chain
-        found, seen = err, set()
-        while found is not None and not isinstance(found, USER_ERRORS) and id(found) not in seen:
-            seen.add(id(found))
-            found = found.__cause__ or found.__context__
-        if not isinstance(found, USER_ERRORS):
-            raise
-        print(f"crossling: error: {found}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

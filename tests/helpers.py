@@ -125,11 +125,11 @@ def cli_env(**extra: str) -> dict[str, str]:
 def run_crossling(
     args: list[str], console_script: bool = False, timeout: int = 300, **env: str
 ) -> subprocess.CompletedProcess:
-    """Run ``crossling <args>`` (the console script, or ``python -m lightning_modules.cli``)."""
+    """Run ``crossling <args>`` (the console script, or ``python -m lightning_modules.main``)."""
     if console_script:
         command = [str(Path(sys.executable).parent / "crossling"), *args]
     else:
-        command = [sys.executable, "-m", "lightning_modules.cli", *args]
+        command = [sys.executable, "-m", "lightning_modules.main", *args]
     return subprocess.run(
         command, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=timeout
     )

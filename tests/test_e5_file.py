@@ -130,7 +130,7 @@ def test_crossling_fit_on_a_broken_package_file_exits_with_one_line(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     env = {**cli_env(), "CROSSLING_E5_FILE": str(path), "CROSSLING_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_modules.cli", "fit", "--model.backbone", "e5-small",
+        [sys.executable, "-m", "lightning_modules.main", "fit", "--model.backbone", "e5-small",
          "--data.class_path", "datamodules.XNLIDataModule", "--trainer.default_root_dir", str(tmp_path / "run"),
          "--trainer.max_epochs", "1"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,

@@ -13,14 +13,13 @@ from analysis.influence_stage import (
     InfluenceError,
     InfluenceOptions,
     MissingInputs,
-    build_report,
     compare_rankings,
     explain,
     load_topk,
     run_influence,
 )
 from analysis.masks import condition_masks
-from analysis.report import log_report_to_wandb
+from analysis.report import build_report, log_report_to_wandb
 from analysis.tracin import tracin_scores
 
 LANGS = ["en", "de", "ko"]

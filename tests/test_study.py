@@ -55,7 +55,7 @@ def write_study(tmp: Path, root: Path, k: int = 8) -> Path:
 
 
 def study(config: Path, *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lightning_modules.cli", "study", "--config", str(config), *args],
+    return subprocess.Popen([sys.executable, "-m", "lightning_modules.main", "study", "--config", str(config), *args],
                             cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
 

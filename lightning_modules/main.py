@@ -1,0 +1,78 @@
+"""``crossling``: the command's entry point. ``crossling study`` runs the study runner; every other
+subcommand (``fit``, ``subnetworks``, ``analyze``, ...) goes to the LightningCLI in ``cli.py``. A
+user's mistake (a bad file, a missing checkpoint) ends in one line on stderr and exit status 2.
+
+It sits on top of both, so that the study runner can drive the CLI without the CLI knowing the study.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import warnings
+
+from analysis.influence_stage import InfluenceError
+from analysis.masks import MaskError
+from analysis.projection_error import ProjectionErrorFileError
+from analysis.sketch_store import SketchError
+from callbacks.checkpoints import CheckpointError
+from callbacks.fidelity import FidelityError
+from datamodules import DataError
+
+from .cli import run_cli
+from .e5_file import E5FileError
+
+USER_ERRORS = (
+    DataError, CheckpointError, MaskError, SketchError, InfluenceError, FidelityError, ProjectionErrorFileError,
+    FileNotFoundError, E5FileError,
+)
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    # Lightning only notes a SIGTERM and carries on; a user's kill should stop the command.
+    # Every stage writes atomically, so re-running the same command resumes where it stopped.
+    print("crossling: stopped by SIGTERM; run the same command again to resume", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+QUIET = [
+    # known, harmless library notices that would bury crossling's own progress lines
+    ".*isinstance\\(treespec, LeafSpec\\).*",
+    ".*custom batch sampler.*for prediction.*",
+    ".*Experiment logs directory .* exists and is not empty.*",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        if args and args[0] == "study":
+            from .study import study_main  # imported on demand: most commands never need it
+
+            study_main(args[1:])
+        elif args and args[0] == "pretrain":
+            raise SystemExit(
+                "crossling pretrain was retired: the tiny encoder it trained learned neither task; "
+                "study e5-small (the demo) or a hub encoder such as xlm-roberta-base"
+            )
+        else:
+            run_cli(argv)
+    except Exception as err:
+        # jsonargparse wraps errors raised while building classes: look down the chain
+        found, seen = err, set()
+        while found is not None and not isinstance(found, USER_ERRORS) and id(found) not in seen:
+            seen.add(id(found))
+            found = found.__cause__ or found.__context__
+        if not isinstance(found, USER_ERRORS):
+            raise
+        print(f"crossling: error: {found}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
