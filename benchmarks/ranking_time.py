@@ -92,7 +92,7 @@ def _time_stage(tests, trains, d, args) -> None:
 
     import numpy as np
 
-    from analysis.influence_stage import InfluenceOptions, run_influence
+    from analysis.influence import InfluenceOptions, run_influence
 
     langs = ["en", "fr", "de", "ko", "es"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
-from analysis.influence_stage import InfluenceOptions, run_influence
+from analysis.influence import InfluenceOptions, run_influence
 from analysis.report import build_report
 from callbacks.checkpoints import CheckpointError, EpochCheckpoint, list_checkpoints
 from callbacks.fidelity import FidelityOptions, run_fidelity

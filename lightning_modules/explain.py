@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from analysis.influence_stage import explain
+from analysis.influence import explain
 
 
 def example_texts(datamodule) -> dict[str, dict[int, str]]:

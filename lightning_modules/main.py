@@ -12,7 +12,7 @@ import sys
 import threading
 import warnings
 
-from analysis.influence_stage import InfluenceError
+from analysis.influence import InfluenceError
 from analysis.masks import MaskError
 from analysis.projection_error import ProjectionErrorFileError
 from analysis.sketch_store import SketchError

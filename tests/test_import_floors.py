@@ -22,15 +22,16 @@ def floor(module: str) -> int:
 def project_modules() -> dict[str, Path]:
     out = {}
     for package in PACKAGES:
-        for path in sorted((REPO / package).glob("*.py")):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             out[name] = path
     return out
 
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     """Project modules ``name`` imports (``from .x import y`` resolved; a package counts as its __init__)."""
-    package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+    package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]  # what a relative import starts from
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         targets = []

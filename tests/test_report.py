@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from analysis.influence_stage import (
+from analysis.influence import (
     InfluenceError,
     InfluenceOptions,
     MissingInputs,
