@@ -77,6 +77,11 @@ def analysis_outputs(run: Path) -> list[Path]:
     return [run / name for name in ("sketches", "influence", "fidelity", "report")]
 
 
+# every analysis of a study: the fidelity check measures the sketch's share error, which the report
+# then keeps out of the changes it marks
+ANALYSIS_STAGES = ("sketch", "influence", "fidelity", "report")
+
+
 def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
     """The study as a list of CLI calls with their dependencies."""
     root = Path(cfg.root).expanduser().resolve()
@@ -88,15 +93,15 @@ def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
     def fit(config: str, run: Path, *args: str) -> list[str]:
         return ["fit", "--config", config, f"--trainer.default_root_dir={run}", *args, *extra]
 
-    def analyze(run: Path, stages: list[str], conditions: list[str], *args: str) -> list[str]:
+    def analyze(run: Path, conditions: list[str], *args: str) -> list[str]:
         return ["analyze", "--config", conf["analyze"], f"--trainer.default_root_dir={run}",
-                f"--stages=[{', '.join(stages)}]", f"--conditions=[{', '.join(conditions)}]", *args, *extra]
+                f"--stages=[{', '.join(ANALYSIS_STAGES)}]", f"--conditions=[{', '.join(conditions)}]", *args, *extra]
 
     stages = [
         Stage("full", fit(conf["full"], full), [], resume_fit=full, outputs=[full / "checkpoints"]),
         Stage("subnetworks", ["subnetworks", "--config", conf["subnetworks"], f"--trainer.default_root_dir={full}",
                               *extra], ["full"]),
-        Stage("natural-analysis", analyze(full, ["sketch", "influence", "report"], cfg.natural_conditions),
+        Stage("natural-analysis", analyze(full, cfg.natural_conditions),
               ["subnetworks"], outputs=analysis_outputs(full)),
         Stage("sft", fit(conf["sft"], sft, f"--model.subnetworks={subnetworks_dir}"), ["subnetworks"], resume_fit=sft,
               outputs=[sft / "checkpoints"]),
@@ -107,13 +112,13 @@ def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
                                                       f"--model.random_mask_seed={seed}"), ["subnetworks"], resume_fit=run,
                             outputs=[run / "checkpoints"]))
     masks = f"--model.subnetworks={subnetworks_dir}"
-    stages.append(Stage("sft-analysis", analyze(sft, ["sketch", "influence", "report"], cfg.sft_conditions, masks,
+    stages.append(Stage("sft-analysis", analyze(sft, cfg.sft_conditions, masks,
                                                 f"--compare_to={full}"), ["sft", "natural-analysis"],
                         outputs=analysis_outputs(sft)))
     for seed in cfg.random_seeds:
         run = root / f"sft-random{seed}"
         stages.append(Stage(f"sft-random{seed}-analysis",
-                            analyze(run, ["sketch", "influence", "report"], [f"random{seed}"], masks,
+                            analyze(run, [f"random{seed}"], masks,
                                     f"--compare_to={full}"),
                             [f"sft-random{seed}", "natural-analysis"], outputs=analysis_outputs(run)))
     stages.append(Stage("report", ["report", str(root)], [s.name for s in stages if s.name.endswith("analysis")]))

@@ -88,7 +88,8 @@ def digests(root: Path) -> dict[str, str]:
     """Content hashes of every output a study's result depends on (no logs, no timings)."""
     out = {}
     for pattern in ("*/checkpoints/epoch=*.ckpt", "*/subnetworks/*.json", "*/sketches/**/*.npy",
-                    "*/influence/*/topk.npz", "*/influence/*/contributions.csv", "*/accuracy/accuracy.csv"):
+                    "*/influence/*/topk.npz", "*/influence/*/contributions.csv", "*/accuracy/accuracy.csv",
+                    "*/fidelity/fidelity.json"):
         for path in root.glob(pattern):
             out[str(path.relative_to(root))] = hashlib.sha256(content(path)).hexdigest()
     return out
@@ -108,6 +109,11 @@ def test_study_runs_every_stage_and_writes_the_report(finished):
     assert (root / "report" / "report.html").is_file() and (root / "report" / "report.md").is_file()
     for run in ("full", "sft", "sft-random0"):
         assert (root / run / "report" / "report.md").is_file(), run
+        # every analysis measured its sketch's share error, and its report says so
+        error = json.loads((root / run / "fidelity" / "fidelity.json").read_text())["share_error_pp"]
+        assert f"projection error of `{root.name}/{run}`: pos {error['pos']['mean']:.2f} mean" in (
+            root / run / "report" / "report.md"
+        ).read_text()
     assert sorted(p.stem for p in (root / "full" / "subnetworks").glob("*.json")) == ["de", "en", "ko"]
     assert (root / "sft" / "accuracy" / "accuracy.csv").is_file()
     # analysing a run (trainer.predict) must not wipe the metrics its fit logged
