@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -58,7 +59,9 @@ KRONECKER = [
     ("kron k=64", SketchOptions(k=64, precision=FP32)),
     ("kron k=64 x4 pairs", SketchOptions(k=64, pairs=4, precision=FP32)),
     ("kron k=128", SketchOptions(k=128, precision=FP32)),
-    ("kron k=64 bf16 (default)", SketchOptions(k=64, precision="bf16")),
+    ("kron k=64 bf16", SketchOptions(k=64, precision="bf16")),
+    ("kron k=64 x4 pairs bf16 (default)", SketchOptions(k=64, pairs=4, precision="bf16")),
+    ("kron k=128 bf16", SketchOptions(k=128, precision="bf16")),
 ]
 PCA = [32, 64]
 COUNT = [1024, 4096]
@@ -229,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fit-examples", type=int, default=128, help="pool examples the pca factors are fitted on")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", help="regular expression: measure only the settings whose name it matches")
     args = parser.parse_args(argv)
+    wanted = (lambda name: re.search(args.only, name) is not None) if args.only else (lambda name: True)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     if args.run_dir:
@@ -261,10 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     row = {int(p): r for r, p in enumerate(test_pos)}
 
     exact = Sketcher(model, SketchOptions(kind="exact", precision=FP32))
-    sketchers = {name: Sketcher(model, opts) for name, opts in KRONECKER}
-    low_precision = {name for name, opts in KRONECKER if opts.precision != FP32}
-    pcas = {f"pca k={k}": PCASketcher(model, SketchOptions(k=k, precision=FP32)) for k in PCA}
-    counts = {f"count d={d}": CountSketch(exact.dim, d) for d in COUNT}
+    kronecker = [(name, opts) for name, opts in KRONECKER if wanted(name)]
+    sketchers = {name: Sketcher(model, opts) for name, opts in kronecker}
+    low_precision = {name for name, opts in kronecker if opts.precision != FP32}
+    pcas = {f"pca k={k}": PCASketcher(model, SketchOptions(k=k, precision=FP32)) for k in PCA if wanted(f"pca k={k}")}
+    counts = {f"count d={d}": CountSketch(exact.dim, d) for d in COUNT if wanted(f"count d={d}")}
     methods = ["exact", *sketchers, *pcas, *counts]
     scores = {name: np.zeros((len(test_pos), len(train_pos))) for name in methods}
     print(f"fidelity of gradient sketches: {what}; mask {args.mask}; {len(train_pos)} pool x {len(test_pos)} "
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     mask_b = head_mask
     speed = {"exact": throughput(lambda b: sketch_batch(model, gates, b, mask_b, SketchOptions(kind="exact", precision=FP32)), mid_batch)}
-    for name, opts in KRONECKER:
+    for name, opts in kronecker:
         speed[name] = throughput(lambda b, o=opts: sketch_batch(model, gates, b, mask_b, o), mid_batch)
     for name, pca in pcas.items():
         speed[name] = throughput(lambda b, s=pca: s(model, gates, b, mask_b), mid_batch)
