@@ -28,6 +28,11 @@ Normalization = Literal["cosine", "train-norm", "dot"]
 NORMALIZATIONS: tuple[str, ...] = ("cosine", "train-norm", "dot")
 
 
+def is_unit_normalized(normalization: str, side: Literal["train", "test"]) -> bool:
+    """Whether this side's vectors are scaled to unit norm under ``normalization``."""
+    return normalization == "cosine" or (normalization == "train-norm" and side == "train")
+
+
 def row_scales(vectors: np.ndarray, normalization: str, side: Literal["train", "test"]) -> np.ndarray:
     """Per-row factors that turn raw gradient sketches into the vectors whose dot product is the score.
 
@@ -41,8 +46,7 @@ def row_scales(vectors: np.ndarray, normalization: str, side: Literal["train", "
     if side not in ("train", "test"):
         raise ValueError(f"side must be 'train' or 'test', found {side!r}")
     n = vectors.shape[0]
-    unit = normalization == "cosine" or (normalization == "train-norm" and side == "train")
-    if not unit:
+    if not is_unit_normalized(normalization, side):
         return np.ones(n, dtype=np.float64)
     norms = np.linalg.norm(np.asarray(vectors, dtype=np.float64), axis=1)
     scales = np.zeros(n, dtype=np.float64)

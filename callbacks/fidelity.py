@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from analysis.contributions import language_shares, mean_matrix
 from analysis.masks import condition_masks, load_subnetworks, name_seed, resolve_mask
 from analysis.projection_error import FIDELITY_FILE
-from analysis.tracin import normalize, rank_top_k
+from analysis.tracin import is_unit_normalized, normalize, rank_top_k
 from datamodules.base import make_collate
 
 from .checkpoints import CheckpointError, fingerprint, list_checkpoints, load_weights
@@ -116,11 +116,16 @@ def sample_sizes(n_train_data: int, n_test_data: int, options: FidelityOptions) 
     return sizes["n_train"], sizes["n_test"]
 
 
+def test_chunk(n_test: int, options: FidelityOptions, p: int) -> int:
+    """Test examples whose exact gradients are held at once (float32, ``max_exact_gb`` at most)."""
+    return max(1, min(n_test, int(options.max_exact_gb * 2**30 // (4 * p))))
+
+
 def check_memory(n_train: int, n_test: int, options: FidelityOptions, d: int, p: int) -> None:
     """Refuse, before any work, a sample memory cannot hold (one line)."""
-    # the sketches of the whole sample (float64 scores), one training batch's exact gradients (twice:
-    # the gradient and its normalised copy) and one test example's exact gradient must fit
-    need = 8 * d * (n_train + n_test) + 4 * p * (2 * options.batch_size + 1)
+    # the sketches of the whole sample (float64), one chunk of test gradients, and a batch's exact
+    # gradients twice (the engine's output and the one being scored)
+    need = 8 * d * (n_train + n_test) + 4 * p * (test_chunk(n_test, options, p) + 2 * options.batch_size)
     available = _available_bytes()
     if available is not None and need > 0.8 * available:
         raise FidelityError(
@@ -182,6 +187,16 @@ def run_fidelity(module, datamodule, run_dir: Path, sketch: SketchOptions, optio
     return out
 
 
+def scale_rows_(x: torch.Tensor, normalization: str, side: str) -> torch.Tensor:
+    """``x`` scaled in place as the influence stage normalises this side (norms summed in float64,
+    without a float64 copy of a gradient matrix that may hold gigabytes)."""
+    if is_unit_normalized(normalization, side):
+        norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+        scales = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        x.mul_(scales.to(x.dtype)[:, None])
+    return x
+
+
 @dataclass
 class SampleScores:
     """TracIn scores of a sample at one checkpoint, (n_test, n_train), from sketches and from exact gradients."""
@@ -200,7 +215,7 @@ def score_sample(module, datamodule, test_idx: np.ndarray, train_idx: np.ndarray
     model = module.model
     exact = replace(sketch, kind="exact")
     p = get_sketcher(model, exact).dim
-    chunk = max(1, min(len(test_idx), int(options.max_exact_gb * 2**30 // (4 * p))))
+    chunk = test_chunk(len(test_idx), options, p)
 
     def grads(batch, options_):
         masks = _head_masks(batch["langs"], per_lang)
@@ -215,11 +230,17 @@ def score_sample(module, datamodule, test_idx: np.ndarray, train_idx: np.ndarray
         exact_scores = np.zeros((len(test_idx), len(train_idx)))
         for start in range(0, len(test_idx), chunk):
             part = test_idx[start : start + chunk]
-            held = torch.cat([grads(b, exact).cpu() for b in _batches(datamodule, "test", part, options.batch_size)])
-            held = torch.as_tensor(normalize(held.numpy(), options.normalization, "test"))
+            held = torch.empty((len(part), p), dtype=torch.float32)  # filled in place: no second copy
+            row = 0
+            for batch in _batches(datamodule, "test", part, options.batch_size):
+                g = grads(batch, exact)
+                held[row : row + len(g)] = g
+                row += len(g)
+                del g
+            scale_rows_(held, options.normalization, "test")
             col = 0
             for batch in _batches(datamodule, "train", train_idx, options.batch_size):
-                g = torch.as_tensor(normalize(grads(batch, exact).cpu().numpy(), options.normalization, "train"))
+                g = scale_rows_(grads(batch, exact).cpu(), options.normalization, "train")
                 exact_scores[start : start + len(part), col : col + len(g)] = (held @ g.T).double().numpy()
                 col += len(g)
                 if start == 0:

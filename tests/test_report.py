@@ -331,10 +331,10 @@ def test_wilson_interval_matches_the_binomial_coverage():
 
 
 def _plant_projection_error(run_dir, pos: float, neg: float) -> None:
-    """A fidelity.json as the fidelity stage writes it, with a chosen share error."""
+    """A fidelity.json as the fidelity stage writes it, with a chosen (mean) share error."""
     (run_dir / "fidelity").mkdir(parents=True, exist_ok=True)
     (run_dir / "fidelity" / "fidelity.json").write_text(json.dumps({
-        "share_error_pp": {"pos": {"mean": pos / 3, "max": pos}, "neg": {"mean": neg / 3, "max": neg}},
+        "share_error_pp": {"pos": {"mean": pos, "max": 3 * pos}, "neg": {"mean": neg, "max": 3 * neg}},
         "n_test": 30, "n_train": 200, "m": 10, "epoch": 2, "options": {"condition": "full"},
     }))
 

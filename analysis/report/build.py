@@ -51,7 +51,7 @@ def projection_error_lines(errors: dict[Path, ProjectionError | None], margin: d
     ]
     if any(margin.values()):
         lines.append(
-            f"- marked changes (*): the 95% interval clears zero by more than the largest measured share error, "
+            f"- marked changes (*): the 95% interval clears zero by more than the measured mean share error, "
             f"{margin['pos']:.2f} pp (positive) / {margin['neg']:.2f} pp (negative); a smaller change could be the "
             "projection's"
         )
