@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.masks import load_subnetworks, name_seed, resolve_mask  # noqa: E402
 from callbacks.checkpoints import list_checkpoints, load_weights  # noqa: E402
-from callbacks.fidelity import compare_scores, sample_indices  # noqa: E402
+from callbacks.fidelity import compare_scores, sample_indices, scale_rows_  # noqa: E402
 from callbacks.sketching import Sketcher, SketchOptions, capture_gradients, sketch_batch  # noqa: E402
 from lightning_modules.classifier import SequenceClassifier  # noqa: E402
 
@@ -204,9 +204,8 @@ def batches_of(dm, split: str, positions: np.ndarray, size: int):
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit norm (norms accumulated in float64 without a float64 copy of ``x``)."""
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64).clamp_min(1e-30)
-    return (x / norm.to(x.dtype)).float()
+    """A float32 copy of ``x`` with rows scaled as the fidelity stage scales them for cosine TracIn."""
+    return scale_rows_(x.to(torch.float32, copy=True), "cosine", "test")
 
 
 def throughput(fn, batch: dict, reps: int = 2) -> float:

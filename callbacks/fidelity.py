@@ -116,7 +116,7 @@ def sample_sizes(n_train_data: int, n_test_data: int, options: FidelityOptions) 
     return sizes["n_train"], sizes["n_test"]
 
 
-def test_chunk(n_test: int, options: FidelityOptions, p: int) -> int:
+def exact_chunk_size(n_test: int, options: FidelityOptions, p: int) -> int:
     """Test examples whose exact gradients are held at once (float32, ``max_exact_gb`` at most)."""
     return max(1, min(n_test, int(options.max_exact_gb * 2**30 // (4 * p))))
 
@@ -125,7 +125,7 @@ def check_memory(n_train: int, n_test: int, options: FidelityOptions, d: int, p:
     """Refuse, before any work, a sample memory cannot hold (one line)."""
     # the sketches of the whole sample (float64), one chunk of test gradients, and a batch's exact
     # gradients twice (the engine's output and the one being scored)
-    need = 8 * d * (n_train + n_test) + 4 * p * (test_chunk(n_test, options, p) + 2 * options.batch_size)
+    need = 8 * d * (n_train + n_test) + 4 * p * (exact_chunk_size(n_test, options, p) + 2 * options.batch_size)
     available = _available_bytes()
     if available is not None and need > 0.8 * available:
         raise FidelityError(
@@ -215,7 +215,7 @@ def score_sample(module, datamodule, test_idx: np.ndarray, train_idx: np.ndarray
     model = module.model
     exact = replace(sketch, kind="exact")
     p = get_sketcher(model, exact).dim
-    chunk = test_chunk(len(test_idx), options, p)
+    chunk = exact_chunk_size(len(test_idx), options, p)
 
     def grads(batch, options_):
         masks = _head_masks(batch["langs"], per_lang)

@@ -1,5 +1,5 @@
-"""The ``crossling`` command: LightningCLI subcommands (``fit``, ``validate``, ``test``, and the
-study's stages) over the classifier and the task datamodules.
+"""The LightningCLI subcommands of ``crossling`` (``fit``, ``validate``, ``test``, and the study's
+stages) over the classifier and the task datamodules; ``main.py`` is the command's entry point.
 
 The run directory is ``trainer.default_root_dir``: per-epoch checkpoints, ``config.yaml``,
 metrics and every later stage's outputs live under it (see README, "Outputs").
