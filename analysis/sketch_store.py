@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,31 @@ def load_sketches(run_dir: str | Path, epoch: int, mask: str, split: str) -> tup
     return array, sidecar
 
 
+@dataclass
+class Sketch:
+    """One finished sketch file pair: the (N, d) float32 memory map and its validated sidecar."""
+
+    npy: Path
+    sidecar: Path
+    meta: dict
+    data: np.ndarray
+
+    @property
+    def indices(self) -> np.ndarray:
+        return np.asarray(self.meta["indices"], dtype=np.int64)
+
+    @property
+    def langs(self) -> np.ndarray:
+        return np.asarray(self.meta["langs"], dtype=str)
+
+
+def read_sketch(run_dir: str | Path, epoch: int, mask: str, split: str) -> Sketch:
+    """``load_sketches`` with the paths kept beside the data, for readers that name files in errors."""
+    data, meta = load_sketches(run_dir, epoch, mask, split)
+    npy, sidecar = sketch_paths(run_dir, epoch, mask, split)
+    return Sketch(npy, sidecar, meta, data)
+
+
 def check_compatible(entries: Sequence[tuple[str | Path, dict]], same_model: bool = False) -> None:
     """Refuse to score sketches against each other unless they share d, projection and layers.
 
@@ -148,6 +174,25 @@ def check_compatible(entries: Sequence[tuple[str | Path, dict]], same_model: boo
 def _short(value: object) -> str:
     text = json.dumps(value)
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def list_epochs(run_dir: str | Path) -> list[int]:
+    """Epochs with a ``sketches/epoch=<E>`` directory, ascending."""
+    root = Path(run_dir) / "sketches"
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _EPOCH_DIR.match(p.name)))
+
+
+def run_languages(run_dir: str | Path, epochs: Sequence[int]) -> list[str] | None:
+    """The run's language order, from the first sketch sidecar of these epochs; None when there is none."""
+    for epoch in epochs:
+        for side in sorted((Path(run_dir) / "sketches" / f"epoch={epoch}").glob("*/*.json")):
+            langs = read_sidecar(side)["languages"]
+            if not langs or not all(isinstance(x, str) for x in langs):
+                raise SketchError(f"{side}: key 'languages' must be a non-empty list of language codes")
+            return langs
+    return None
 
 
 def list_sketches(run_dir: str | Path) -> list[tuple[int, str, str]]:

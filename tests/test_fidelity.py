@@ -89,7 +89,8 @@ def test_exact_scores_and_verdicts_match_one_example_backward_passes(run_dir, dm
     tiny_budget = FidelityOptions(n_test=6, n_train=20, m=4, batch_size=5, max_exact_gb=gt.shape[1] * 4.5 / 2**30)
     chunked = score_sample(module, dm, test_idx, train_idx, None, SKETCH, tiny_budget)
     assert chunked.chunks == 6 and scores.chunks == 1
-    np.testing.assert_allclose(chunked.exact, scores.exact, rtol=1e-6, atol=1e-7)
+    # other batches, other float32 kernels: equal up to rounding of a dot over every parameter (measured 5e-6)
+    np.testing.assert_allclose(chunked.exact, scores.exact, rtol=2e-5, atol=1e-5)
     np.testing.assert_array_equal(chunked.sketch, scores.sketch)
     got = compare_scores(scores.sketch, scores.exact, scores.train_langs, scores.test_langs, 3, 4)
     want = slow_verdict(scores.sketch, scores.exact, scores.train_langs, scores.test_langs, 3, 4)

@@ -20,6 +20,7 @@ from analysis.influence import (
 )
 from analysis.masks import condition_masks
 from analysis.report import build_report, log_report_to_wandb
+from analysis.sketch_store import SketchError
 from analysis.tracin import tracin_scores
 
 LANGS = ["en", "de", "ko"]
@@ -180,12 +181,12 @@ def test_bad_and_missing_inputs_give_one_clear_error(runs):
     meta = json.loads(sidecar.read_text())
     del meta["correct"]
     sidecar.write_text(json.dumps(meta))
-    with pytest.raises(InfluenceError, match=r"epoch=1/ko/test\.json: missing key 'correct'"):
+    with pytest.raises(SketchError, match=r"epoch=1/ko/test\.json: missing key 'correct'"):
         run_influence(full, ["own"], InfluenceOptions(**OPTS))
     meta["correct"] = [True] * meta["n"]
     sidecar.write_text(json.dumps(meta))
     np.save(sidecar.with_suffix(".npy"), np.zeros((meta["n"], D + 1), np.float32))
-    with pytest.raises(InfluenceError, match=r"ko/test\.npy: expected float32 array of shape"):
+    with pytest.raises(SketchError, match=r"ko/test\.npy: holds float32 \(\d+, 17\), its sidecar test\.json says float32 \(\d+, 16\)"):
         run_influence(full, ["own"], InfluenceOptions(**OPTS))
     assert not (full / "influence" / "own" / "topk.npz").exists()
 

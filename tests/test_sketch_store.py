@@ -229,8 +229,9 @@ def test_equal_masks_are_sketched_once_and_their_files_are_what_a_pass_would_wri
         if key[2] == "train":  # the very pass the plain run makes for de
             assert sketch_paths(shared, *key)[0].read_bytes() == sketch_paths(plain, *key)[0].read_bytes(), key
             assert a_side == b_side, key
-        else:  # en's test rows came from another pass (batched with other languages): equal up to rounding
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        else:  # en's test rows came from another pass (batched with other languages): equal up to rounding,
+            # which float32 kernels pick by batch shape (measured up to 6e-7 on sketch entries of size ~1)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
             np.testing.assert_allclose(a_side.pop("loss"), b_side.pop("loss"), rtol=1e-5)
             assert a_side == b_side, key
 

@@ -18,7 +18,6 @@ from .explain import Explanation, InfluentialExample, explain
 from .options import InfluenceError, InfluenceOptions, MissingInputs
 from .ranking import plan_condition, rank_condition
 from .ranking_fidelity import Fidelity, compare_rankings
-from .sketch_reader import Sketch, list_epochs, read_sketch, run_languages, sketch_paths
 from .stage import run_influence, run_label
 from .tables import check_same_test_split, condition_table, difference_table, kept_indices
 from .topk_file import TOPK_FORMAT, TopKFile, load_topk, save_topk, topk_path
@@ -30,7 +29,6 @@ __all__ = [
     "InfluenceOptions",
     "InfluentialExample",
     "MissingInputs",
-    "Sketch",
     "TOPK_FORMAT",
     "TopKFile",
     "check_same_test_split",
@@ -39,15 +37,11 @@ __all__ = [
     "difference_table",
     "explain",
     "kept_indices",
-    "list_epochs",
     "load_topk",
     "plan_condition",
     "rank_condition",
-    "read_sketch",
     "run_influence",
     "run_label",
-    "run_languages",
     "save_topk",
-    "sketch_paths",
     "topk_path",
 ]

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from ..masks import MaskError, condition_masks
+from ..sketch_store import Sketch, check_compatible, list_epochs, read_sketch, run_languages, sketch_paths
 from ..tracin import stream_top_k
 from .options import InfluenceError, InfluenceOptions, MissingInputs
-from .sketch_reader import RowView, Sketch, list_epochs, read_sketch, run_languages, sketch_paths
 from .topk_file import TOPK_FORMAT, TopKFile
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ def plan_condition(run_dir: Path, condition: str, options: InfluenceOptions) -> 
     if not epochs:
         raise MissingInputs(condition, [run_dir / "sketches" / "epoch=<E>"])
     languages = run_languages(run_dir, epochs)
+    if languages is None:
+        raise MissingInputs(condition, [run_dir / "sketches" / "epoch=<E>" / "<mask>" / "<split>.json"])
     try:
         masks = condition_masks(condition, languages)
     except MaskError as err:
@@ -91,29 +93,24 @@ def plan_condition(run_dir: Path, condition: str, options: InfluenceOptions) -> 
 
 
 def _check_compatible(plan: _Plan) -> None:
-    """Test and train sketches must come from the same model and the same projection to be comparable."""
-    first = None
-    for sk in plan.sketches.values():
-        proj = sk.meta.get("projection")
-        if first is None:
-            first = (sk, proj, sk.meta["d"])
-            continue
-        ref, ref_proj, ref_d = first
-        if sk.meta["d"] != ref_d:
-            raise InfluenceError(f"{sk.sidecar}: key 'd' is {sk.meta['d']}, but {ref.sidecar} has {ref_d}")
-        if proj != ref_proj:
-            raise InfluenceError(
-                f"{sk.sidecar}: key 'projection' differs from {ref.sidecar} ({proj} vs {ref_proj}); "
-                "train and test sketches of every checkpoint must use the same random projection"
-            )
+    """Every sketch of a condition must share the projection; test and train of a checkpoint, the model."""
+    check_compatible([(sk.sidecar, sk.meta) for sk in plan.sketches.values()])
     for epoch in plan.epochs:
         for mask in plan.groups:
-            test, train = plan.sketches[(epoch, mask, "test")], plan.sketches[(epoch, mask, "train")]
-            for key in ("model_fingerprint", "layers"):
-                if key in test.meta and key in train.meta and test.meta[key] != train.meta[key]:
-                    raise InfluenceError(
-                        f"{test.sidecar}: key {key!r} differs from {train.sidecar}; both must come from the same checkpoint"
-                    )
+            pair = [plan.sketches[(epoch, mask, split)] for split in ("test", "train")]
+            check_compatible([(sk.sidecar, sk.meta) for sk in pair], same_model=True)
+
+
+class RowView:
+    """Rows of a (memory-mapped) array, selected lazily so a test chunk is read only when ranked."""
+
+    def __init__(self, base: np.ndarray, rows: np.ndarray):
+        self.base, self.rows = base, rows
+        self.shape = (rows.size, base.shape[1])
+        self.ndim = 2
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        return np.asarray(self.base[self.rows[item]])
 
 
 def rank_condition(run_dir: Path, plan: _Plan, options: InfluenceOptions) -> TopKFile:
