@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.masks import load_subnetworks, name_seed, resolve_mask  # noqa: E402
 from callbacks.checkpoints import list_checkpoints, load_weights  # noqa: E402
-from callbacks.fidelity import compare_scores, sample_indices, scale_rows_  # noqa: E402
+from callbacks.fidelity_sample import compare_scores, sample_indices, scale_rows_  # noqa: E402
 from callbacks.sketching import Sketcher, SketchOptions, capture_gradients, sketch_batch  # noqa: E402
 from lightning_modules.classifier import SequenceClassifier  # noqa: E402
 
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         subs = load_subnetworks(args.run_dir / "subnetworks", list(dm.languages), gates.shape)
         head_mask = torch.as_tensor(resolve_mask(args.mask, subs, gates.shape), dtype=torch.float32)
     if args.pool_per_language:
-        from callbacks.sketch_stage import train_pool
+        from callbacks.sketch_plan import train_pool
 
         train_pos = train_pool(dm.dataset("train"), args.pool_per_language)  # dataset indices = positions
     else:

@@ -408,7 +408,7 @@ class SketchWriter(BasePredictionWriter):
     """Writes what ``SketchModule.predict_step`` returns into the current job's shards and, after
     the last batch, merges them (rank 0) into the finished files.
 
-    ``run_sketch_stage`` sets the job before each ``trainer.predict``; put one instance in the
+    ``sketch_checkpoints`` (``lightning_modules/stages/sketch.py``) sets the job before each ``trainer.predict``; put one instance in the
     Trainer's callbacks (or let the stage add it).
     """
 
@@ -427,7 +427,7 @@ class SketchWriter(BasePredictionWriter):
         shares = getattr(pl_module, "shares", None)
         if shares is None:
             raise RuntimeError(
-                "SketchWriter needs a SketchModule (from callbacks.sketch_stage) as the predicted module"
+                "SketchWriter needs a SketchModule (from callbacks.sketch_module) as the predicted module"
             )
         self.writer = JobWriter(self.job, shares, trainer.global_rank, trainer.world_size)
         done = self.writer.open()

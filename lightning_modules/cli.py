@@ -17,17 +17,16 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
-from analysis.influence import InfluenceOptions, run_influence
-from analysis.report import build_report
-from callbacks.checkpoints import CheckpointError, EpochCheckpoint, list_checkpoints
-from callbacks.fidelity import FidelityOptions, run_fidelity
-from callbacks.sketch_stage import run_sketch_stage
+from analysis.influence import InfluenceOptions
+from callbacks.checkpoints import EpochCheckpoint
+from callbacks.fidelity_sample import FidelityOptions
+from callbacks.pruning import SubnetworkOptions
 from callbacks.sketching import SketchOptions
-from callbacks.subnetworks import SubnetworkOptions, find_subnetworks
 from datamodules import TaskDataModule
 
 from .classifier import SequenceClassifier
 from .explain import example_texts, print_explanation
+from .stages import ANALYZE_STAGES, AnalyzeRequest, run_subnetworks
 
 
 class RunCSVLogger(CSVLogger):
@@ -111,13 +110,7 @@ class CrosslingTrainer(Trainer):
             ckpt_path: the fine-tuned checkpoint (default: the run's last ``checkpoints/epoch=<E>.ckpt``).
             subnetworks: the search's options (threshold, step fraction, normalisation, data).
         """
-        run_dir = Path(self.default_root_dir)
-        if ckpt_path is None:
-            found = list_checkpoints(run_dir)
-            if not found:
-                raise CheckpointError(f"no checkpoints/epoch=<E>.ckpt in {run_dir}: give --ckpt_path or run fit first")
-            ckpt_path = str(found[-1][1])
-        return find_subnetworks(model, datamodule, run_dir, subnetworks or SubnetworkOptions(), ckpt_path)
+        return run_subnetworks(model, datamodule, self.default_root_dir, subnetworks, ckpt_path)
 
     def analyze(
         self,
@@ -144,32 +137,24 @@ class CrosslingTrainer(Trainer):
             influence: ranking, bootstrap and report options.
             fidelity: sample sizes of the fidelity check.
         """
-        run_dir = Path(self.default_root_dir)
-        stages = list(stages or ["sketch", "influence", "report"])
-        conditions = list(conditions or ["full", "own"])
-        influence = influence or InfluenceOptions()
-        sketch = sketch or SketchOptions()
-        compare = Path(compare_to).expanduser().resolve() if compare_to else None
-        subnetworks_dir = Path(model.hparams.subnetworks) if model.hparams.subnetworks else None
+        request = AnalyzeRequest(
+            trainer=self,
+            model=model,
+            datamodule=datamodule,
+            run_dir=Path(self.default_root_dir),
+            conditions=list(conditions or ["full", "own"]),
+            compare_to=Path(compare_to).expanduser().resolve() if compare_to else None,
+            subnetworks_dir=Path(model.hparams.subnetworks) if model.hparams.subnetworks else None,
+            sketch=sketch or SketchOptions(),
+            influence=influence or InfluenceOptions(),
+            fidelity=fidelity or FidelityOptions(),
+        )
         if explain is not None:
-            print_explanation(run_dir, conditions[0], explain, example_texts(datamodule))
+            print_explanation(request.run_dir, request.conditions[0], explain, example_texts(datamodule))
             return
-        for stage in stages:
-            print(f"analyze: {stage} ({', '.join(conditions)}) in {run_dir}", flush=True)
-            if stage == "sketch":
-                # influence.epochs (the checkpoints TracIn sums over) also limits what is sketched
-                run_sketch_stage(self, model, datamodule, run_dir, conditions, sketch, epochs=influence.epochs,
-                                 subnetworks_dir=subnetworks_dir, train_per_language=influence.train_per_language)
-            elif stage == "influence":
-                run_influence(run_dir, conditions, influence, compare)
-            elif stage == "fidelity":
-                run_fidelity(model, datamodule, run_dir, sketch, fidelity or FidelityOptions(), subnetworks_dir)
-            elif stage == "report" and self.is_global_zero:
-                for logger in self.loggers:
-                    if type(logger).__name__ == "WandbLogger":
-                        _ = logger.experiment  # start the W&B run so the report's figures are logged to it
-                path = build_report(run_dir, conditions, influence, compare, example_texts(datamodule))
-                print(f"analyze: report written to {path} (and {path.with_suffix('.html')})", flush=True)
+        for stage in stages or ["sketch", "influence", "report"]:
+            print(f"analyze: {stage} ({', '.join(request.conditions)}) in {request.run_dir}", flush=True)
+            ANALYZE_STAGES[stage](request)  # lightning_modules/stages/<stage>.py
 
 
 class RunDirConfig(SaveConfigCallback):

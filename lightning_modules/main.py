@@ -17,7 +17,7 @@ from analysis.masks import MaskError
 from analysis.projection_error import ProjectionErrorFileError
 from analysis.sketch_store import SketchError
 from callbacks.checkpoints import CheckpointError
-from callbacks.fidelity import FidelityError
+from callbacks.fidelity_sample import FidelityError
 from datamodules import DataError
 
 from .cli import run_cli

@@ -15,15 +15,15 @@ from test_sketch_store import make_run_dir, new_module
 
 from analysis.projection_error import load_projection_error
 from callbacks.checkpoints import CheckpointError, list_checkpoints, load_weights
-from callbacks.fidelity import (
+from callbacks.fidelity_sample import (
     FidelityError,
     FidelityOptions,
     compare_scores,
-    run_fidelity,
     sample_indices,
     score_sample,
 )
 from callbacks.sketching import SketchOptions, get_sketcher
+from lightning_modules.stages.fidelity import measure_fidelity
 
 SKETCH = SketchOptions(k=4, seed=3, precision="32")
 
@@ -102,7 +102,7 @@ def test_exact_scores_and_verdicts_match_one_example_backward_passes(run_dir, dm
 
 
 def test_the_stage_writes_what_the_report_reads(run_dir, dm):
-    out = run_fidelity(new_module(dm.languages), dm, run_dir, SKETCH, FidelityOptions(n_test=6, n_train=20, batch_size=5))
+    out = measure_fidelity(new_module(dm.languages), dm, run_dir, SKETCH, FidelityOptions(n_test=6, n_train=20, batch_size=5))
     result = json.loads(out.read_text())
     assert result["m"] == 1 and result["epoch"] == 1 and result["n_train"] == 20  # m: 5 % of the sample
     err = load_projection_error(run_dir)
@@ -121,17 +121,17 @@ def test_the_stage_writes_what_the_report_reads(run_dir, dm):
 def test_bad_requests_fail_before_writing(tmp_path, dm, options, message):
     run_dir = make_run_dir(tmp_path / "run", dm.languages)
     with pytest.raises(FidelityError, match=message):
-        run_fidelity(new_module(dm.languages), dm, run_dir, SKETCH, options)
+        measure_fidelity(new_module(dm.languages), dm, run_dir, SKETCH, options)
     assert not (run_dir / "fidelity").exists()
 
 
 def test_a_sketch_too_large_for_memory_and_a_run_without_checkpoints_are_refused(tmp_path, dm):
     run_dir = make_run_dir(tmp_path / "run", dm.languages)
     with pytest.raises(FidelityError, match=r"needs about .* GiB, .* GiB is available: lower sketch.k"):
-        run_fidelity(new_module(dm.languages), dm, run_dir, SketchOptions(k=60_000, precision="32"),
+        measure_fidelity(new_module(dm.languages), dm, run_dir, SketchOptions(k=60_000, precision="32"),
                      FidelityOptions(n_test=4, n_train=20))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no epoch=<E>.ckpt files"):
-        run_fidelity(new_module(dm.languages), dm, empty, SKETCH, FidelityOptions(n_test=4, n_train=20))
+        measure_fidelity(new_module(dm.languages), dm, empty, SKETCH, FidelityOptions(n_test=4, n_train=20))
     assert not (run_dir / "fidelity").exists() and not (empty / "fidelity").exists()

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from analysis.masks import MaskError, name_seed
-from callbacks.subnetworks import (
+from callbacks.head_importance import (
     accumulate_head_gradients,
     compute_head_importance,
     evaluate_accuracy,

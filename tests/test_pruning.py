@@ -10,15 +10,11 @@ import torch
 
 from analysis.masks import MaskError, name_seed
 from callbacks.checkpoints import CheckpointError, atomic_torch_save, fingerprint
-from callbacks.subnetworks import (
-    SubnetworkOptions,
-    evaluate_accuracy,
-    find_subnetworks,
-    heads_per_step,
-    prune_heads,
-)
+from callbacks.head_importance import evaluate_accuracy
+from callbacks.pruning import SubnetworkOptions, heads_per_step, prune_heads
 from datamodules import DataError, PAWSXDataModule
 from lightning_modules.classifier import SequenceClassifier
+from lightning_modules.stages.subnetworks import find_subnetworks
 
 
 class Script:
@@ -250,7 +246,7 @@ def test_callback_searches_the_just_trained_model(tmp_path):
     import pytorch_lightning as pl
 
     from callbacks.checkpoints import EpochCheckpoint
-    from callbacks.subnetworks import SubnetworkSearch
+    from lightning_modules.stages.subnetworks import SubnetworkSearch
 
     dm = PAWSXDataModule(
         languages=["en", "ko"], train_per_language=8, dev_per_language=6, test_per_language=4, batch_size=4,
@@ -276,7 +272,7 @@ def test_callback_searches_the_just_trained_model(tmp_path):
 def test_one_pass_for_importance_and_accuracy_finds_the_same_subnetwork_with_fewer_forwards(tmp_path, monkeypatch):
     """Importance examples that lead the accuracy examples share their forward pass: the search's
     masks, importances and accuracies are those of the separate passes."""
-    import callbacks.subnetworks as subnetworks
+    import callbacks.pruning as subnetworks
 
     torch.set_num_threads(1)
     dm, module, _ = make_run(tmp_path, dev_per_language=24)

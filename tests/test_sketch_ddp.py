@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from pytorch_lightning import Trainer
 
-from callbacks.sketch_stage import run_sketch_stage
+from lightning_modules.stages.sketch import sketch_checkpoints
 from callbacks.sketching import SketchOptions
 from datamodules import PAWSXDataModule
 from lightning_modules.classifier import SequenceClassifier
@@ -35,7 +35,7 @@ module = SequenceClassifier(backbone="tiny-random", languages=dm.languages, init
 trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                   inference_mode=False)
-paths = run_sketch_stage(trainer, module, dm, run_dir, ["own"], SketchOptions(k=4, seed=3, precision="32"))
+paths = sketch_checkpoints(trainer, module, dm, run_dir, ["own"], SketchOptions(k=4, seed=3, precision="32"))
 print(f"rank {trainer.global_rank} of {trainer.world_size}: {len(paths)} files")
 """
 

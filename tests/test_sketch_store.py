@@ -17,10 +17,11 @@ from pytorch_lightning import Trainer
 from analysis.masks import MaskError
 from analysis.sketch_store import SketchError, check_compatible, list_sketches, load_sketches, sketch_paths
 from callbacks.checkpoints import atomic_torch_save, fingerprint, load_weights
-from callbacks.sketch_stage import mask_rounds, plan_masks, run_sketch_stage
+from callbacks.sketch_plan import mask_rounds, plan_masks
 from callbacks.sketch_writer import SketchWriter
 from callbacks.sketching import SketchOptions, sketch_batch
 from lightning_modules.classifier import SequenceClassifier
+from lightning_modules.stages.sketch import sketch_checkpoints
 
 OPTIONS = SketchOptions(k=4, seed=3, precision="32")  # float32: compared with per-example references
 
@@ -59,7 +60,7 @@ def new_module(languages):
 
 
 def run_stage(run_dir, dm, conditions=("full", "own"), options=OPTIONS, trainer=None):
-    return run_sketch_stage(
+    return sketch_checkpoints(
         trainer or make_trainer(), new_module(dm.languages), dm, run_dir, list(conditions), options
     )
 
@@ -184,11 +185,11 @@ def test_interrupted_run_resumes_to_the_identical_file(tmp_path, dm3, finished_r
     assert 0 < done.sum() < done.size
     monkeypatch.setattr(SketchWriter, "write_on_batch_end", original)
     computed = []
-    import callbacks.sketch_stage as stage
+    import callbacks.sketch_module as sketch_module
 
-    real = stage.sketch_batch
+    real = sketch_module.sketch_batch
     monkeypatch.setattr(
-        stage, "sketch_batch", lambda *a, **k: computed.append(len(a[2]["labels"])) or real(*a, **k)
+        sketch_module, "sketch_batch", lambda *a, **k: computed.append(len(a[2]["labels"])) or real(*a, **k)
     )
     run_stage(run_dir, dm3, conditions=["full"])
     total = sum(len(load_sketches(run_dir, *key)[1]["indices"]) for key in list_sketches(run_dir))
@@ -203,7 +204,8 @@ def test_interrupted_run_resumes_to_the_identical_file(tmp_path, dm3, finished_r
 
 
 def test_equal_masks_are_sketched_once_and_their_files_are_what_a_pass_would_write(tmp_path, dm3, monkeypatch):
-    import callbacks.sketch_stage as stage
+    import callbacks.sketch_module as sketch_module
+    import lightning_modules.stages.sketch as stage
 
     shared, plain = (make_run_dir(tmp_path / name, dm3.languages, epochs=1) for name in ("shared", "plain"))
     (plain / "checkpoints" / "epoch=0.ckpt").write_bytes((shared / "checkpoints" / "epoch=0.ckpt").read_bytes())
@@ -211,8 +213,8 @@ def test_equal_masks_are_sketched_once_and_their_files_are_what_a_pass_would_wri
         en = (run_dir / "subnetworks" / "en.json").read_text()
         (run_dir / "subnetworks" / "de.json").write_text(en.replace('"en"', '"de"'))
     rows = []
-    real = stage.sketch_batch
-    monkeypatch.setattr(stage, "sketch_batch", lambda *a, **k: rows.append(len(a[2]["labels"])) or real(*a, **k))
+    real = sketch_module.sketch_batch
+    monkeypatch.setattr(sketch_module, "sketch_batch", lambda *a, **k: rows.append(len(a[2]["labels"])) or real(*a, **k))
     conditions = ["full", "own", "as-de"]  # en's test examples under en's mask and under de's (equal)
     run_stage(shared, dm3, conditions=conditions)
     shared_rows = sum(rows)
@@ -237,7 +239,7 @@ def test_equal_masks_are_sketched_once_and_their_files_are_what_a_pass_would_wri
 
 
 def test_training_pool_keeps_the_same_items_in_every_language_and_only_their_rows(tmp_path, dm3, finished_run):
-    from callbacks.sketch_stage import train_pool
+    from callbacks.sketch_plan import train_pool
 
     train = dm3.dataset("train")
     small, large = train_pool(train, 5), train_pool(train, 9)
@@ -251,7 +253,7 @@ def test_training_pool_keeps_the_same_items_in_every_language_and_only_their_row
     reference_dir, _ = finished_run
     run_dir = make_run_dir(tmp_path / "run", dm3.languages, epochs=1)
     (run_dir / "checkpoints" / "epoch=0.ckpt").write_bytes((reference_dir / "checkpoints" / "epoch=0.ckpt").read_bytes())
-    run_sketch_stage(make_trainer(), new_module(dm3.languages), dm3, run_dir, ["full", "own"], OPTIONS,
+    sketch_checkpoints(make_trainer(), new_module(dm3.languages), dm3, run_dir, ["full", "own"], OPTIONS,
                      train_per_language=5)
     for mask in ["full", *dm3.languages]:
         array, side = load_sketches(run_dir, 0, mask, "train")
@@ -262,7 +264,7 @@ def test_training_pool_keeps_the_same_items_in_every_language_and_only_their_row
         test, test_side = load_sketches(run_dir, 0, mask, "test")  # the test side is untouched
         assert test_side["indices"] == load_sketches(reference_dir, 0, mask, "test")[1]["indices"]
     # a different pool re-sketches the training files instead of ranking a mix
-    run_sketch_stage(make_trainer(), new_module(dm3.languages), dm3, run_dir, ["full"], OPTIONS,
+    sketch_checkpoints(make_trainer(), new_module(dm3.languages), dm3, run_dir, ["full"], OPTIONS,
                      train_per_language=9)
     assert load_sketches(run_dir, 0, "full", "train")[1]["indices"] == large.tolist()
 
@@ -350,7 +352,7 @@ def test_check_compatible_names_file_and_key(tmp_path):
 
 def test_fit_callback_writes_full_sketches_equal_to_the_stage(tmp_path):
     from callbacks.checkpoints import EpochCheckpoint
-    from callbacks.sketch_stage import SketchCallback
+    from callbacks.epoch_sketches import SketchCallback
     dm = small_pawsx_datamodule(
         languages=["en", "ko"],
         train_per_language=12,
@@ -381,9 +383,9 @@ def test_fit_callback_writes_full_sketches_equal_to_the_stage(tmp_path):
         name = f"epoch={epoch}.ckpt"
         (stage_dir / "checkpoints" / name).write_bytes((fit_dir / "checkpoints" / name).read_bytes())
     before = {k: sketch_paths(fit_dir, *k)[0].stat().st_mtime_ns for k in keys}
-    run_sketch_stage(make_trainer(), new_module(dm.languages), dm, fit_dir, ["full"], OPTIONS)
+    sketch_checkpoints(make_trainer(), new_module(dm.languages), dm, fit_dir, ["full"], OPTIONS)
     assert all(sketch_paths(fit_dir, *k)[0].stat().st_mtime_ns == t for k, t in before.items())
-    run_sketch_stage(make_trainer(), new_module(dm.languages), dm, stage_dir, ["full"], OPTIONS)
+    sketch_checkpoints(make_trainer(), new_module(dm.languages), dm, stage_dir, ["full"], OPTIONS)
     for key in keys:
         a, side_a = load_sketches(fit_dir, *key)
         b, side_b = load_sketches(stage_dir, *key)

@@ -38,7 +38,7 @@ class InfluenceOptions:
             epoch order; None weighs every checkpoint 1.
         epochs: checkpoints to sum over; None uses every ``sketches/epoch=<E>`` directory.
         train_per_language: rank only this many training examples per language (the same items in
-            every language of a parallel task; seeded from item ids, see ``callbacks.sketch_stage.train_pool``),
+            every language of a parallel task; seeded from item ids, see ``callbacks.sketch_plan.train_pool``),
             so that a study on a small machine sketches fewer rows; None ranks the whole training split.
         per_checkpoint: also rank by each checkpoint alone (needed by the dynamics figures and Fig 7).
         precision: float64 (exact to rounding; the default) or float32 (~1e-6 relative error; faster only at

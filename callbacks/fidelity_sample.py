@@ -1,4 +1,5 @@
-"""How far the sketches' TracIn rankings are from exact-gradient ones (the ``fidelity`` stage).
+"""How far the sketches' TracIn rankings are from exact-gradient ones, on a sample: the measurement the
+``fidelity`` stage (``lightning_modules/stages/fidelity.py``) runs.
 
 On a seeded sample of test and training examples at one checkpoint and one mask, the exact
 per-example gradients of the sketched layers are compared with their projections: recall of the
@@ -14,11 +15,8 @@ streams the training sample again), so the cost grows with n_test / chunk but me
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,13 +24,11 @@ from scipy.stats import spearmanr
 from torch.utils.data import DataLoader, Subset
 
 from analysis.contributions import language_shares, mean_matrix
-from analysis.masks import condition_masks, load_subnetworks, name_seed, resolve_mask
-from analysis.projection_error import FIDELITY_FILE
+from analysis.masks import name_seed
 from analysis.tracin import is_unit_normalized, normalize, rank_top_k
 from datamodules.base import make_collate
 
-from .checkpoints import CheckpointError, fingerprint, list_checkpoints, load_weights
-from .sketching import SketchOptions, get_sketcher, resolve_precision, sketch_batch, sketching_mode
+from .sketching import SketchOptions, get_sketcher, sketch_batch, sketching_mode
 
 
 class FidelityError(ValueError):
@@ -137,54 +133,6 @@ def check_memory(n_train: int, n_test: int, options: FidelityOptions, d: int, p:
             f"fidelity.max_exact_gb={options.max_exact_gb} cannot hold one test example's exact gradient "
             f"({4 * p / 2**30:.2f} GiB for p={p})"
         )
-
-
-def run_fidelity(module, datamodule, run_dir: Path, sketch: SketchOptions, options: FidelityOptions,
-                 subnetworks_dir: Path | None = None) -> Path:
-    """Compare sketched with exact rankings on a sample; writes ``<run>/fidelity/fidelity.json`` (+ nothing
-    else; atomically, so a stopped check leaves no file)."""
-    run_dir = Path(run_dir)
-    checkpoints = dict(list_checkpoints(run_dir))
-    if not checkpoints:
-        raise CheckpointError(f"{run_dir / 'checkpoints'}: no epoch=<E>.ckpt files (run crossling fit first)")
-    epoch = max(checkpoints) if options.epoch is None else options.epoch
-    if epoch not in checkpoints:
-        raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint for epoch {epoch} (found {sorted(checkpoints)})")
-    model = module.model
-    device = next(model.parameters()).device
-    sketch = replace(sketch, precision=resolve_precision(sketch.precision, device))
-    d, p = get_sketcher(model, sketch).dim, get_sketcher(model, replace(sketch, kind="exact")).dim
-    n_train_data, n_test_data = len(datamodule.dataset("train")), len(datamodule.dataset("test"))
-    n_train, n_test = sample_sizes(n_train_data, n_test_data, options)
-    check_memory(n_train, n_test, options, d, p)
-    load_weights(module, checkpoints[epoch])
-    languages = list(datamodule.languages)
-    shape = module.gates.shape
-    mask_names = condition_masks(options.condition, languages)
-    per_lang = None
-    if any(name != "full" for name in mask_names.values()):
-        subnetworks = load_subnetworks(subnetworks_dir or run_dir / "subnetworks", languages, shape)
-        per_lang = {i: resolve_mask(mask_names[lang], subnetworks, shape) for i, lang in enumerate(languages)}
-    test_idx = sample_indices(n_test_data, n_test, "test", options.seed)
-    train_idx = sample_indices(n_train_data, n_train, "train", options.seed)
-    m = options.m or max(1, round(0.05 * len(train_idx)))
-    m = min(m, max(1, len(train_idx) // 4))
-    scores = score_sample(module, datamodule, test_idx, train_idx, per_lang, sketch, options)
-    result = compare_scores(scores.sketch, scores.exact, scores.train_langs, scores.test_langs, len(languages), m)
-    result.update(epoch=epoch, checkpoint_fingerprint=fingerprint(checkpoints[epoch]), n_test=len(test_idx),
-                  n_train=len(train_idx), d=d, p=p, test_chunks=scores.chunks,
-                  projection=sketch.projection_record(), precision=sketch.precision, options=asdict(options))
-    out = run_dir / FIDELITY_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
-    err = result["share_error_pp"]
-    print(f"fidelity ({options.condition}, epoch {epoch}, {len(test_idx)} test x {len(train_idx)} train, m={m}): "
-          f"recall pos {result['recall_pos']:.3f}, neg {result['recall_neg']:.3f}, spearman {result['spearman']:.3f}, "
-          f"share error pos {err['pos']['mean']:.2f}/{err['pos']['max']:.2f} pp, "
-          f"neg {err['neg']['mean']:.2f}/{err['neg']['max']:.2f} pp (mean/max) -> {out}", flush=True)
-    return out
 
 
 def scale_rows_(x: torch.Tensor, normalization: str, side: str) -> torch.Tensor:

@@ -1,0 +1,307 @@
+"""Iterative head pruning (the paper's Sec. 3.1): one language's subnetwork from the model as it is.
+
+Starting from the fine-tuned model, the heads with the lowest importance are disabled,
+``step_fraction`` of all heads at a time, importance recomputed under the current mask at every
+step, until the language's dev accuracy falls below ``threshold`` × the unpruned accuracy; the
+last mask at or above that floor is the language's subnetwork. The stage that runs this for
+every language of a run and writes ``subnetworks/<lang>.json`` is
+``lightning_modules/stages/subnetworks.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from datamodules.base import make_collate
+from datamodules.errors import DataError
+
+from .head_importance import (
+    Normalization,
+    _accuracy,
+    _all_reduce_sum,
+    _rank_world,
+    compute_head_importance,
+    count_correct,
+    evaluate_accuracy,
+)
+
+FORMAT = 1  # of subnetworks/<lang>.json
+
+
+@dataclass
+class SubnetworkOptions:
+    """How each language's subnetwork is searched.
+
+    Args:
+        threshold: stop when accuracy falls below ``threshold`` × the unpruned model's accuracy (paper: 0.95).
+        step_fraction: fraction of *all* heads disabled per step, rounded (paper: 0.1, i.e. 14 of 144).
+        normalization: how importance is normalised before ranking: ``layer_l2`` (each layer's scores
+            divided by their L2 norm: Michel et al. 2019, whose procedure the paper follows), ``minmax``
+            (global min-max) or ``none``.
+        data_split: the split whose examples estimate head importance (``dev``, ``train`` or ``test``).
+        num_examples: importance uses the first ``num_examples`` examples of each language (None: all).
+        eval_split: the split whose accuracy decides when to stop (the paper: dev).
+        eval_examples: accuracy uses the first ``eval_examples`` examples of each language (None: all).
+        batch_size: examples per forward/backward pass (None: the datamodule's ``eval_batch_size``).
+        languages: languages to search (None: all of the data's languages).
+        device: where to compute (None: the model's device; a model on CPU moves to CUDA when available).
+        overwrite: recompute languages whose JSON already matches this checkpoint, data and options.
+        progress: show progress bars (languages, pruning steps).
+    """
+
+    threshold: float = 0.95
+    step_fraction: float = 0.1
+    normalization: Normalization = "layer_l2"
+    data_split: Literal["dev", "train", "test"] = "dev"
+    num_examples: int | None = None
+    eval_split: Literal["dev", "train", "test"] = "dev"
+    eval_examples: int | None = None
+    batch_size: int | None = None
+    languages: list[str] | None = None
+    device: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"subnetworks.threshold must be in (0, 1], found {self.threshold}")
+        if not 0.0 < self.step_fraction < 1.0:
+            raise ValueError(f"subnetworks.step_fraction must be in (0, 1), found {self.step_fraction}")
+        for key in ("num_examples", "eval_examples", "batch_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"subnetworks.{key} must be >= 1 or null, found {value}")
+
+    def search_key(self) -> dict:
+        """The options that change a search's result (compared when resuming)."""
+        keys = (
+            "threshold",
+            "step_fraction",
+            "normalization",
+            "data_split",
+            "num_examples",
+            "eval_split",
+            "eval_examples",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+
+def heads_per_step(shape: tuple[int, int], step_fraction: float) -> int:
+    """round(step_fraction · L · H), half up: 10 % of 144 heads -> 14; at least one head."""
+    total = shape[0] * shape[1]
+    n = max(1, math.floor(step_fraction * total + 0.5))
+    if n >= total:
+        raise ValueError(f"step_fraction {step_fraction} disables all {total} heads in one step")
+    return n
+
+
+@dataclass
+class PruningResult:
+    """The outcome of one language's pruning: the kept mask and how it was reached."""
+
+    mask: np.ndarray
+    importance: np.ndarray  # importance of the unpruned model (step 1's ranking)
+    trace: list[dict] = field(default_factory=list)
+    base_accuracy: float = 0.0
+    threshold_accuracy: float = 0.0
+    heads_per_step: int = 0
+    stop_reason: str = ""
+
+
+def prune_heads(
+    shape: tuple[int, int],
+    importance_fn: Callable[[np.ndarray], np.ndarray],
+    evaluate_fn: Callable[[np.ndarray], float],
+    threshold: float = 0.95,
+    step_fraction: float = 0.1,
+    on_step: Callable[[dict], None] | None = None,
+) -> PruningResult:
+    """Iterative pruning with injected scoring, so the stopping rule can be tested on a script.
+
+    ``importance_fn(mask)`` scores every head under the current L×H 0/1 mask;
+    ``evaluate_fn(mask)`` is the accuracy with that mask. Each step disables exactly
+    ``heads_per_step`` enabled heads, lowest importance first (ties: lowest layer, then head),
+    and evaluates; a step whose accuracy is below ``threshold`` × the unpruned accuracy ends
+    the search and is not kept. The search also ends before a step would leave no head.
+    """
+    per_step = heads_per_step(shape, step_fraction)
+    mask = np.ones(shape, dtype=np.int8)
+    base = float(evaluate_fn(mask.copy()))
+    floor = threshold * base
+    result = PruningResult(mask.copy(), np.zeros(shape), [], base, floor, per_step, "")
+    step = 0
+    while True:
+        if int(mask.sum()) - per_step < 1:
+            result.stop_reason = "no_heads_left"
+            break
+        step += 1
+        importance = np.asarray(importance_fn(mask.copy()), dtype=np.float64)
+        if importance.shape != tuple(shape) or not np.isfinite(importance).all():
+            raise ValueError(
+                f"step {step}: importance must be finite with shape {tuple(shape)}, found {importance}"
+            )
+        if step == 1:
+            result.importance = importance.copy()
+        flat = importance.reshape(-1)
+        order = np.lexsort((np.arange(flat.size), flat))  # by importance, ties by position
+        chosen = [int(i) for i in order if mask.flat[i]][:per_step]
+        candidate = mask.copy()
+        candidate.flat[chosen] = 0
+        accuracy = float(evaluate_fn(candidate.copy()))
+        # a tiny tolerance so that e.g. 0.76 counts as reaching 0.95 * 0.8 despite float rounding
+        kept = accuracy >= floor - 1e-12
+        entry = {
+            "step": step,
+            "disabled": [[i // shape[1], i % shape[1]] for i in chosen],
+            "accuracy": accuracy,
+            "kept": kept,
+            "disabled_total": int(candidate.size - candidate.sum()),
+            "importance": importance.tolist(),
+        }
+        result.trace.append(entry)
+        if on_step is not None:
+            on_step(entry)
+        if not kept:
+            result.stop_reason = "accuracy_below_threshold"
+            break
+        mask = candidate
+    result.mask = mask
+    return result
+
+
+def language_examples(datamodule, split: str, lang: str, limit: int | None, where: Path) -> list:
+    """The first ``limit`` examples of ``lang`` in ``split`` (all ranks); an error naming ``where`` if none."""
+    dataset = datamodule.dataset(split)
+    lang_index = list(datamodule.languages).index(lang)
+    examples = [e for e in dataset.examples if e.lang == lang_index]
+    if limit is not None:
+        examples = examples[:limit]
+    if not examples:
+        source = getattr(datamodule, "source", "?")
+        raise DataError(
+            f"{where}: cannot search the {lang!r} subnetwork: the {split} split has no {lang!r} examples "
+            f"(data source {source!r}, task {getattr(datamodule, 'task', '?')}); give {lang} {split} data "
+            f"or leave {lang} out of subnetworks.languages"
+        )
+    return examples
+
+
+def language_batches(
+    datamodule, split: str, lang: str, limit: int | None, batch_size: int, where: Path
+) -> list[dict]:
+    """This rank's batches of the first ``limit`` examples of ``lang`` in ``split``.
+
+    Examples are split between DDP ranks (every ``world``-th) and sorted by length within a
+    rank to cut padding; the importance is a mean and the accuracy a count, so order is moot.
+    """
+    return rank_batches(datamodule, language_examples(datamodule, split, lang, limit, where), batch_size)
+
+
+def rank_batches(datamodule, examples: list, batch_size: int) -> list[dict]:
+    """This rank's share of ``examples`` (every ``world``-th), sorted by length, collated."""
+    rank, world = _rank_world()
+    mine = sorted(examples[rank::world], key=lambda e: len(e.input_ids))
+    collate = make_collate(datamodule.tokenizer.pad_token_id)
+    return [collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
+
+
+def importance_within_eval(options: SubnetworkOptions) -> bool:
+    """True when the importance examples are the first ones of the accuracy examples: then one
+    forward pass over them serves both (the search needs importance and accuracy at every mask)."""
+    if options.data_split != options.eval_split:
+        return False
+    if options.eval_examples is None:
+        return True
+    return options.num_examples is not None and options.num_examples <= options.eval_examples
+
+
+def prune_language(
+    module, datamodule, lang: str, options: SubnetworkOptions, path: Path | None = None
+) -> dict:
+    """One language's subnetwork search on ``module`` (a SequenceClassifier) as it is now.
+
+    Returns the JSON record without the checkpoint fields; ``path`` (the JSON it will be
+    written to) only names the target in errors.
+    """
+    from tqdm.auto import tqdm
+
+    path = path or Path("subnetworks") / f"{lang}.json"
+    model, gates = module.model, module.gates
+    shape = gates.shape
+    batch_size = options.batch_size or getattr(datamodule, "eval_batch_size", 64)
+    importance_data = language_batches(
+        datamodule, options.data_split, lang, options.num_examples, batch_size, path
+    )
+    eval_data = language_batches(
+        datamodule, options.eval_split, lang, options.eval_examples, batch_size, path
+    )
+    counts = torch.tensor(
+        [sum(len(b["labels"]) for b in importance_data), sum(len(b["labels"]) for b in eval_data)],
+        dtype=torch.float64,
+        device=next(model.parameters()).device,
+    )
+    n_importance, n_eval = (int(c) for c in _all_reduce_sum(counts).tolist())
+
+    def importance_fn(mask: np.ndarray) -> np.ndarray:
+        if (key := mask.tobytes()) in reused:
+            return reused.pop(key)
+        return compute_head_importance(model, importance_data, mask, options.normalization, gates).numpy()
+
+    # importance at mask M is needed right after accuracy at M (the step that kept M): when the
+    # importance examples lead the accuracy examples, one pass gives both, and only the rest of
+    # the accuracy examples need a forward pass of their own
+    reused: dict[bytes, np.ndarray] = {}
+    fused = importance_within_eval(options)
+    if fused:
+        head = len(language_examples(datamodule, options.data_split, lang, options.num_examples, path))
+        rest = language_examples(datamodule, options.eval_split, lang, options.eval_examples, path)[head:]
+        rest_data = rank_batches(datamodule, rest, batch_size)
+
+    def evaluate_fn(mask: np.ndarray) -> float:
+        if not fused:
+            return evaluate_accuracy(model, gates, eval_data, mask)
+        per_batch: list[int] = []
+        importance = compute_head_importance(model, importance_data, mask, options.normalization, gates, per_batch)
+        reused.clear()
+        reused[mask.tobytes()] = importance.numpy()
+        correct, total = count_correct(model, gates, rest_data, mask)
+        seen = sum(len(b["labels"]) for b in importance_data)
+        return _accuracy(correct + sum(per_batch), total + seen, next(model.parameters()).device)
+
+    max_steps = (shape[0] * shape[1] - 1) // heads_per_step(shape, options.step_fraction)
+    show = options.progress and _rank_world()[0] == 0
+    with tqdm(total=max_steps, desc=f"prune {lang}", unit="step", leave=False, disable=not show) as bar:
+
+        def on_step(entry: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(acc=f"{entry['accuracy']:.3f}", off=entry["disabled_total"])
+
+        result = prune_heads(
+            shape, importance_fn, evaluate_fn, options.threshold, options.step_fraction, on_step
+        )
+    return {
+        "format": FORMAT,
+        "language": lang,
+        "mask": result.mask.astype(int).tolist(),
+        "importance": result.importance.tolist(),
+        "trace": result.trace,
+        "base_accuracy": result.base_accuracy,
+        "threshold": options.threshold,
+        "threshold_accuracy": result.threshold_accuracy,
+        "step_fraction": options.step_fraction,
+        "heads_per_step": result.heads_per_step,
+        "disabled_heads": int(result.mask.size - result.mask.sum()),
+        "stop_reason": result.stop_reason,
+        "normalization": options.normalization,
+        "data_split": options.data_split,
+        "num_examples": n_importance,
+        "eval_split": options.eval_split,
+        "num_eval_examples": n_eval,
+    }
