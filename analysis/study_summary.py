@@ -7,6 +7,8 @@ import csv
 import math
 from pathlib import Path
 
+from tabulate import tabulate
+
 from .study_findings import study_findings
 
 
@@ -71,10 +73,8 @@ def _table(rows: list[dict[str, str]], columns: list[str] | None = None) -> str:
     if not rows:
         return "  (not available)"
     columns = columns or list(rows[0])
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    out += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)) for r in rows]
-    return "\n".join(out)
+    body = [[r.get(c, "") for c in columns] for r in rows]
+    return tabulate(body, headers=columns, tablefmt="plain", disable_numparse=True)
 
 
 def influence_matrix(path: Path, sign: str = "pos") -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup, escape
+from tabulate import tabulate
 
 from .items import Report
 
@@ -18,19 +19,19 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "nan" if not np.isfinite(value) else f"{value:.3g}"
+    return str(value).replace("|", "\\|")  # a pipe inside a cell would end it
+
+
 def markdown_table(rows: list[dict]) -> str:
+    """A GitHub pipe table, columns aligned so the Markdown reads as well as its rendering."""
     if not rows:
         return ""
     cols = list(rows[0])
-
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return "nan" if not np.isfinite(v) else f"{v:.3g}"
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    body = [[_cell(r.get(c, "")) for c in cols] for r in rows]
+    return tabulate(body, headers=cols, tablefmt="github", disable_numparse=True)
 
 
 def render_markdown(rep: Report, header: list[str]) -> str:
