@@ -188,6 +188,13 @@ def test_bad_and_missing_inputs_give_one_clear_error(runs):
     np.save(sidecar.with_suffix(".npy"), np.zeros((meta["n"], D + 1), np.float32))
     with pytest.raises(SketchError, match=r"ko/test\.npy: holds float32 \(\d+, 17\), its sidecar test\.json says float32 \(\d+, 16\)"):
         run_influence(full, ["own"], InfluenceOptions(**OPTS))
+    np.save(sidecar.with_suffix(".npy"), np.ones((meta["n"], D), np.float32))
+    # sketches a condition scores against each other must share the projection, and train/test the checkpoint
+    for key, value, message in (("projection", {**meta["projection"], "seed": 9}, "projection"),
+                                ("model_fingerprint", "another-model", "model_fingerprint")):
+        sidecar.write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(SketchError, match=rf"ko/(train|test)\.json: {message} is .* there but"):
+            run_influence(full, ["own"], InfluenceOptions(**OPTS))
     assert not (full / "influence" / "own" / "topk.npz").exists()
 
 

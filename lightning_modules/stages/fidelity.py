@@ -30,6 +30,11 @@ from callbacks.sketching import SketchOptions, get_sketcher, resolve_precision
 from .request import AnalyzeRequest
 
 
+def run_fidelity_stage(request: AnalyzeRequest) -> Path:
+    r = request
+    return measure_fidelity(r.model, r.datamodule, r.run_dir, r.sketch, r.fidelity, r.subnetworks_dir)
+
+
 def measure_fidelity(module, datamodule, run_dir: Path, sketch: SketchOptions, options: FidelityOptions,
                  subnetworks_dir: Path | None = None) -> Path:
     """Compare sketched with exact rankings on a sample; writes ``<run>/fidelity/fidelity.json`` (+ nothing
@@ -76,8 +81,3 @@ def measure_fidelity(module, datamodule, run_dir: Path, sketch: SketchOptions, o
           f"share error pos {err['pos']['mean']:.2f}/{err['pos']['max']:.2f} pp, "
           f"neg {err['neg']['mean']:.2f}/{err['neg']['max']:.2f} pp (mean/max) -> {out}", flush=True)
     return out
-
-
-def run_fidelity_stage(request: AnalyzeRequest) -> Path:
-    r = request
-    return measure_fidelity(r.model, r.datamodule, r.run_dir, r.sketch, r.fidelity, r.subnetworks_dir)

@@ -45,6 +45,15 @@ from callbacks.sketching import SketchOptions, get_sketcher, resolve_precision
 from .request import AnalyzeRequest
 
 
+def run_sketch_stage(request: AnalyzeRequest) -> list[Path]:
+    """The stage as ``analyze`` runs it: ``influence.epochs`` (the checkpoints TracIn sums over) and
+    ``influence.train_per_language`` (the ranked pool) also limit what is sketched."""
+    r = request
+    return sketch_checkpoints(r.trainer, r.model, r.datamodule, r.run_dir, r.conditions, r.sketch,
+                              epochs=r.influence.epochs, subnetworks_dir=r.subnetworks_dir,
+                              train_per_language=r.influence.train_per_language)
+
+
 def find_writer(trainer: pl.Trainer) -> SketchWriter:
     for callback in trainer.callbacks:
         if isinstance(callback, SketchWriter):
@@ -194,12 +203,3 @@ def sketch_checkpoints(
     if passes:
         say(f"sketch: {passes} pass(es), {sketched} examples in {busy:.0f}s ({sketched / max(busy, 1e-9):.1f} examples/s)")
     return outputs
-
-
-def run_sketch_stage(request: AnalyzeRequest) -> list[Path]:
-    """The stage as ``analyze`` runs it: ``influence.epochs`` (the checkpoints TracIn sums over) and
-    ``influence.train_per_language`` (the ranked pool) also limit what is sketched."""
-    r = request
-    return sketch_checkpoints(r.trainer, r.model, r.datamodule, r.run_dir, r.conditions, r.sketch,
-                              epochs=r.influence.epochs, subnetworks_dir=r.subnetworks_dir,
-                              train_per_language=r.influence.train_per_language)

@@ -30,6 +30,20 @@ from datamodules.errors import DataError
 log = logging.getLogger(__name__)
 
 
+def run_subnetworks(
+    module, datamodule, run_dir: str | Path, options: SubnetworkOptions | None = None, ckpt_path: str | None = None
+) -> dict[str, Path]:
+    """The stage as ``crossling subnetworks`` runs it: ``find_subnetworks`` on ``ckpt_path``, by default
+    the run's last checkpoint (the fine-tuned model whose subnetworks the later stages gate)."""
+    run_dir = Path(run_dir)
+    if ckpt_path is None:
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"no checkpoints/epoch=<E>.ckpt in {run_dir}: give --ckpt_path or run fit first")
+        ckpt_path = str(found[-1][1])
+    return find_subnetworks(module, datamodule, run_dir, options or SubnetworkOptions(), ckpt_path)
+
+
 def _data_key(datamodule, options: SubnetworkOptions) -> dict:
     """What decides which examples the search sees (compared when resuming)."""
     sizes = getattr(datamodule, "sizes", {})
@@ -87,19 +101,6 @@ def _pick_device(module: nn.Module, device: str | None) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
     return current
 
-
-def run_subnetworks(
-    module, datamodule, run_dir: str | Path, options: SubnetworkOptions | None = None, ckpt_path: str | None = None
-) -> dict[str, Path]:
-    """The stage as ``crossling subnetworks`` runs it: ``find_subnetworks`` on ``ckpt_path``, by default
-    the run's last checkpoint (the fine-tuned model whose subnetworks the later stages gate)."""
-    run_dir = Path(run_dir)
-    if ckpt_path is None:
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise CheckpointError(f"no checkpoints/epoch=<E>.ckpt in {run_dir}: give --ckpt_path or run fit first")
-        ckpt_path = str(found[-1][1])
-    return find_subnetworks(module, datamodule, run_dir, options or SubnetworkOptions(), ckpt_path)
 
 
 def find_subnetworks(
