@@ -23,18 +23,20 @@ from lightning_modules.gates import HeadGates
 Normalization = Literal["layer_l2", "minmax", "none"]
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether a DDP process group is running (the search then splits examples between ranks)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _rank_world() -> tuple[int, int]:
-    if _distributed():
+def rank_world() -> tuple[int, int]:
+    if is_distributed():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks in place (unchanged on one process)."""
+    if is_distributed():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
 
@@ -143,7 +145,7 @@ def compute_head_importance(
     finally:
         if own:
             gates.remove()
-    packed = _all_reduce_sum(
+    packed = all_reduce_sum(
         torch.cat([total.flatten(), torch.tensor([float(count)], device=total.device, dtype=torch.float64)])
     )
     count = int(packed[-1].item())
@@ -177,8 +179,9 @@ def count_correct(model: nn.Module, gates: HeadGates, batches: Iterable[dict], m
     return correct, total
 
 
-def _accuracy(correct: int, total: int, device) -> float:
-    stats = _all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64, device=device))
+def reduce_accuracy(correct: int, total: int, device) -> float:
+    """Accuracy over every rank's counts."""
+    stats = all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64, device=device))
     correct, total = stats.tolist()
     if total == 0:
         raise ValueError("accuracy needs at least one example; the batches were empty")
@@ -187,4 +190,4 @@ def _accuracy(correct: int, total: int, device) -> float:
 
 def evaluate_accuracy(model: nn.Module, gates: HeadGates, batches: Iterable[dict], mask=None) -> float:
     """Accuracy of the model with the L×H ``mask`` applied (all-reduced under DDP)."""
-    return _accuracy(*count_correct(model, gates, batches, mask), next(model.parameters()).device)
+    return reduce_accuracy(*count_correct(model, gates, batches, mask), next(model.parameters()).device)

@@ -24,12 +24,12 @@ from datamodules.errors import DataError
 
 from .head_importance import (
     Normalization,
-    _accuracy,
-    _all_reduce_sum,
-    _rank_world,
+    all_reduce_sum,
     compute_head_importance,
     count_correct,
     evaluate_accuracy,
+    rank_world,
+    reduce_accuracy,
 )
 
 FORMAT = 1  # of subnetworks/<lang>.json
@@ -206,7 +206,7 @@ def language_batches(
 
 def rank_batches(datamodule, examples: list, batch_size: int) -> list[dict]:
     """This rank's share of ``examples`` (every ``world``-th), sorted by length, collated."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     mine = sorted(examples[rank::world], key=lambda e: len(e.input_ids))
     collate = make_collate(datamodule.tokenizer.pad_token_id)
     return [collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
@@ -247,7 +247,7 @@ def prune_language(
         dtype=torch.float64,
         device=next(model.parameters()).device,
     )
-    n_importance, n_eval = (int(c) for c in _all_reduce_sum(counts).tolist())
+    n_importance, n_eval = (int(c) for c in all_reduce_sum(counts).tolist())
 
     def importance_fn(mask: np.ndarray) -> np.ndarray:
         if (key := mask.tobytes()) in reused:
@@ -273,10 +273,10 @@ def prune_language(
         reused[mask.tobytes()] = importance.numpy()
         correct, total = count_correct(model, gates, rest_data, mask)
         seen = sum(len(b["labels"]) for b in importance_data)
-        return _accuracy(correct + sum(per_batch), total + seen, next(model.parameters()).device)
+        return reduce_accuracy(correct + sum(per_batch), total + seen, next(model.parameters()).device)
 
     max_steps = (shape[0] * shape[1] - 1) // heads_per_step(shape, options.step_fraction)
-    show = options.progress and _rank_world()[0] == 0
+    show = options.progress and rank_world()[0] == 0
     with tqdm(total=max_steps, desc=f"prune {lang}", unit="step", leave=False, disable=not show) as bar:
 
         def on_step(entry: dict) -> None:

@@ -23,7 +23,7 @@ from analysis.atomic import write_json_atomic as _atomic_write_json
 from analysis.mask_stats import write_mask_statistics
 from analysis.masks import check_mask
 from callbacks.checkpoints import CheckpointError, fingerprint, list_checkpoints, load_weights
-from callbacks.head_importance import _distributed, _rank_world
+from callbacks.head_importance import is_distributed, rank_world
 from callbacks.pruning import SubnetworkOptions, heads_per_step, language_examples, prune_language
 from datamodules.errors import DataError
 
@@ -138,12 +138,12 @@ def find_subnetworks(
     shape = module.gates.shape
     heads_per_step(shape, options.step_fraction)  # fail before any work if the step is impossible
     data_key = _data_key(datamodule, options)
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
 
     todo = [
         lang for lang in languages if not _is_done(out_dir / f"{lang}.json", fp, options, data_key, shape)
     ]
-    if _distributed():  # one decision for all ranks, so the collectives stay in step
+    if is_distributed():  # one decision for all ranks, so the collectives stay in step
         box = [todo]
         torch.distributed.broadcast_object_list(box, src=0)
         todo = box[0]
@@ -183,11 +183,11 @@ def find_subnetworks(
                 record["stop_reason"],
             )
     paths = {lang: out_dir / f"{lang}.json" for lang in languages}
-    if _distributed():
+    if is_distributed():
         torch.distributed.barrier()
     if rank == 0:
         write_mask_statistics(out_dir, languages)
-    if _distributed():
+    if is_distributed():
         torch.distributed.barrier()
     paths["stats"] = out_dir / "stats"
     return paths
