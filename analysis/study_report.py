@@ -7,13 +7,17 @@ whole study can draw — in-language reliance over epochs for full FT vs SFT vs 
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
 import os
 import re
 from pathlib import Path
 
+from markdown_it import MarkdownIt
+
 from .atomic import write_text_atomic as _write
+from .report.render import markdown_table, read_csv
 from .study_findings import study_findings
 from .study_summary import study_summary
 
@@ -49,7 +53,6 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
     import numpy as np
 
     series: dict[str, dict[int, list[float]]] = {}
@@ -64,13 +67,15 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    shown = sorted({e + 1 for by_epoch in series.values() for e in by_epoch})
     for label, by_epoch in series.items():
         epochs = sorted(by_epoch)
         ax.plot([e + 1 for e in epochs], [np.mean(by_epoch[e]) for e in epochs], marker="o", label=label)
+    ax.set_xticks(shown)  # checkpoints are whole epochs; one checkpoint is one tick, not a stretch of decimals
+    ax.set_xlim(shown[0] - 0.5, shown[-1] + 0.5)
     ax.set_xlabel("epoch (checkpoint)")
     ax.set_ylabel("in-language share of top-m (%)")
     ax.set_title("In-language reliance per checkpoint", fontsize=10)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -88,10 +93,14 @@ def write_study_report(root: Path) -> Path:
     out = root / "report"
     out.mkdir(parents=True, exist_ok=True)
     runs = _runs(root)
-    items = []
+    items, seen = [], set()
     for run in runs:
         for item in json.loads((run / "report" / "items.json").read_text()):
-            items.append(item | {"run_dir": run.name})
+            # an SFT run's report repeats the masks sections of the run whose subnetworks it used: list them once
+            key = (item["title"], _content_digest(run / "report", item))
+            if key not in seen:
+                seen.add(key)
+                items.append(item | {"run_dir": run.name})
     items.sort(key=_paper_rank)
     dynamics = [row for run in runs for row in _read_dynamics(run)]
     has_dynamics = plot_dynamics(dynamics, out / "dynamics_across_runs.png")
@@ -109,9 +118,11 @@ def write_study_report(root: Path) -> Path:
                "with shuffled subnetworks.", "", "![dynamics](dynamics_across_runs.png)", ""]
     for item in items:
         paper = f" ({item['paper']})" if item.get("paper") else ""
-        md += [f"## {item['title']}{paper}", ""]
+        md += [f"## {item['title']}{paper} · {item['run_dir']} run", ""]
         if item.get("png"):
             md += [f"![{item['title']}](../{item['run_dir']}/report/{item['png']})", ""]
+        elif item.get("csv", "").endswith(".csv"):  # a table without a figure: show the table itself
+            md += [markdown_table(read_csv(root / item["run_dir"] / "report" / item["csv"])), ""]
         if item.get("csv"):
             md += [f"Data: [{item['csv']}](../{item['run_dir']}/report/{item['csv']})", ""]
     path = out / "report.md"
@@ -120,26 +131,23 @@ def write_study_report(root: Path) -> Path:
     return path
 
 
+def _content_digest(report_dir: Path, item: dict) -> str:
+    h = hashlib.sha256()
+    for name in (item.get("png"), item.get("csv")):
+        if name and (report_dir / name).is_file():
+            h.update((report_dir / name).read_bytes())
+    return h.hexdigest()
+
+
+# CommonMark with tables; raw HTML in the text is shown as text, never interpreted
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 16px;line-height:1.45}"
+          "pre{background:#f4f4f4;padding:8px;font-size:12px;white-space:pre-wrap}"
+          "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+          "img{max-width:100%}h2{border-bottom:1px solid #ddd;padding-bottom:2px}")
+
+
 def _html(root: Path, md: list[str]) -> str:
-    """A small self-contained rendering of the markdown above (headings, images, links, code)."""
-    body, in_code = [], False
-    for line in md:
-        if line.startswith("```"):
-            body.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-        elif in_code:
-            body.append(html.escape(line))
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif m := re.fullmatch(r"!\[(.*)\]\((.*)\)", line):
-            body.append(f'<img src="{html.escape(m.group(2))}" alt="{html.escape(m.group(1))}" style="max-width:100%">')
-        elif line:
-            text = html.escape(line)
-            text = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
-            body.append(f"<p>{text}</p>")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>crossling study "
-            f"{html.escape(root.name)}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}"
-            "pre{background:#f4f4f4;padding:8px;font-size:12px}</style></head><body>"
-            + "\n".join(body) + "</body></html>")
+    """The front page's Markdown rendered by markdown-it (headings, images, links, tables, the summary)."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>crossling study {html.escape(root.name)}"
+            f"</title><style>{_STYLE}</style></head><body>\n" + _MARKDOWN.render("\n".join(md)) + "</body></html>\n")

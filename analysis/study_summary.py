@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from .report.render import format_cell
 from .study_findings import study_findings
 
 
@@ -73,7 +74,7 @@ def _table(rows: list[dict[str, str]], columns: list[str] | None = None) -> str:
     if not rows:
         return "  (not available)"
     columns = columns or list(rows[0])
-    body = [[r.get(c, "") for c in columns] for r in rows]
+    body = [[format_cell(r.get(c, "")) for c in columns] for r in rows]
     return tabulate(body, headers=columns, tablefmt="plain", disable_numparse=True)
 
 

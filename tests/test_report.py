@@ -388,12 +388,13 @@ def test_a_change_inside_the_projection_error_is_not_marked(tmp_path):
 
 def test_markdown_tables_read_back_to_their_cells():
     """Each row of a rendered table splits (at unescaped pipes) into exactly its cells: a pipe inside a cell is
-    escaped, floats show 3 significant digits, a missing value is empty and a non-finite one 'nan'."""
+    escaped, floats show 3 significant digits (a long decimal string 4), a missing value is empty and a non-finite one 'nan'."""
     from analysis.report.render import markdown_table
 
     rng = np.random.default_rng(7)
     rows = [
-        {"lang": f"l{i}|x" if i == 2 else f"l{i}", "share": float(rng.normal(0, 30)), "n": int(rng.integers(1, 500))}
+        {"lang": f"l{i}|x" if i == 2 else f"l{i}", "share": float(rng.normal(0, 30)), "n": int(rng.integers(1, 500)),
+         "pct": f"{rng.uniform(0, 100):.15f}"}  # as read back from a CSV written at full precision
         for i in range(5)
     ]
     rows[3]["share"] = float("nan")
@@ -404,8 +405,8 @@ def test_markdown_tables_read_back_to_their_cells():
         parts = re.split(r"(?<!\\)\|", line.strip())[1:-1]
         return [p.strip().replace("\\|", "|") for p in parts]
 
-    assert cells(lines[0]) == ["lang", "share", "n"]
+    assert cells(lines[0]) == ["lang", "share", "n", "pct"]
     assert all(set(c) <= {"-", ":"} for c in cells(lines[1]))
     for row, line in zip(rows, lines[2:], strict=True):
         share = "nan" if not np.isfinite(row["share"]) else f"{row['share']:.3g}"
-        assert cells(line) == [row["lang"], share, str(row.get("n", ""))]
+        assert cells(line) == [row["lang"], share, str(row.get("n", "")), f"{float(row['pct']):.4g}"]

@@ -107,6 +107,13 @@ def test_study_runs_every_stage_and_writes_the_report(finished):
     for stage in STAGES:
         assert (root / ".study" / f"{stage}.json").is_file(), f"stage {stage} has no completion marker"
     assert (root / "report" / "report.html").is_file() and (root / "report" / "report.md").is_file()
+    # the front page lists each result once (SFT reports repeat the full run's masks sections), shows a
+    # figure-less table as a table, and its HTML is the Markdown rendered (no raw Markdown left)
+    front = (root / "report" / "report.md").read_text()
+    headings = [line for line in front.splitlines() if line.startswith("## ")]
+    assert len(headings) == len(set(headings)) and sum("(Table 1)" in h for h in headings) == 1, headings
+    page = (root / "report" / "report.html").read_text()
+    assert "<table>" in page and "disabled_heads" in page and "](" not in page and "\n## " not in page
     for run in ("full", "sft", "sft-random0"):
         assert (root / run / "report" / "report.md").is_file(), run
         # every analysis measured its sketch's share error, and its report says so

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,20 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _cell(value) -> str:
+_LONG_DECIMAL = re.compile(r"-?\d+\.\d{5,}")
+
+
+def format_cell(value) -> str:
+    """A table cell as shown: floats to 3 significant digits; a number read from a CSV with a long
+    tail of decimals (a percentage written at full precision) to 4."""
     if isinstance(value, float):
         return "nan" if not np.isfinite(value) else f"{value:.3g}"
-    return str(value).replace("|", "\\|")  # a pipe inside a cell would end it
+    text = str(value)
+    return f"{float(text):.4g}" if _LONG_DECIMAL.fullmatch(text) else text
+
+
+def _cell(value) -> str:
+    return format_cell(value).replace("|", "\\|")  # a pipe inside a cell would end it
 
 
 def markdown_table(rows: list[dict]) -> str:
