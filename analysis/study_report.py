@@ -17,7 +17,7 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 
 from .atomic import write_text_atomic as _write
-from .report.render import markdown_table, read_csv
+from .report.render import MAX_TABLE_ROWS, markdown_table, read_csv
 from .study_findings import study_findings
 from .study_summary import study_summary
 
@@ -97,7 +97,8 @@ def write_study_report(root: Path) -> Path:
     for run in runs:
         for item in json.loads((run / "report" / "items.json").read_text()):
             # an SFT run's report repeats the masks sections of the run whose subnetworks it used: list them once
-            key = (item["title"], _content_digest(run / "report", item))
+            digest = _content_digest(run / "report", item)
+            key = (item["title"], digest or run.name)  # an item without files is never taken for another's copy
             if key not in seen:
                 seen.add(key)
                 items.append(item | {"run_dir": run.name})
@@ -121,8 +122,10 @@ def write_study_report(root: Path) -> Path:
         md += [f"## {item['title']}{paper} · {item['run_dir']} run", ""]
         if item.get("png"):
             md += [f"![{item['title']}](../{item['run_dir']}/report/{item['png']})", ""]
-        elif item.get("csv", "").endswith(".csv"):  # a table without a figure: show the table itself
-            md += [markdown_table(read_csv(root / item["run_dir"] / "report" / item["csv"])), ""]
+        elif (item.get("csv") or "").endswith(".csv"):  # a table without a figure: show the table itself
+            rows = read_csv(root / item["run_dir"] / "report" / item["csv"])
+            if 0 < len(rows) <= MAX_TABLE_ROWS:
+                md += [markdown_table(rows), ""]
         if item.get("csv"):
             md += [f"Data: [{item['csv']}](../{item['run_dir']}/report/{item['csv']})", ""]
     path = out / "report.md"
@@ -131,11 +134,14 @@ def write_study_report(root: Path) -> Path:
     return path
 
 
-def _content_digest(report_dir: Path, item: dict) -> str:
+def _content_digest(report_dir: Path, item: dict) -> str | None:
+    """A hash of the item's figure and data files; None when it has neither."""
+    files = [report_dir / name for name in (item.get("png"), item.get("csv")) if name and (report_dir / name).is_file()]
+    if not files:
+        return None
     h = hashlib.sha256()
-    for name in (item.get("png"), item.get("csv")):
-        if name and (report_dir / name).is_file():
-            h.update((report_dir / name).read_bytes())
+    for path in files:
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 

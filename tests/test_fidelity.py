@@ -107,7 +107,7 @@ def test_the_stage_writes_what_the_report_reads(run_dir, dm):
     assert result["m"] == 1 and result["epoch"] == 1 and result["n_train"] == 20  # m: 5 % of the sample
     err = load_projection_error(run_dir)
     assert err.max_pp == {s: result["share_error_pp"][s]["max"] for s in ("pos", "neg")}
-    assert not list(out.parent.glob("*.tmp"))
+    assert not list(out.parent.glob("*.tmp*"))
 
 
 @pytest.mark.parametrize(

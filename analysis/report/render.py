@@ -20,6 +20,8 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+MAX_TABLE_ROWS = 80  # a longer table is linked as its CSV, not drawn on the page
+
 _LONG_DECIMAL = re.compile(r"-?\d+\.\d{5,}")
 
 
@@ -86,7 +88,7 @@ def render_html(rep: Report, title: str, header_md: list[str]) -> str:
             "sentence": item.sentence,
             "png": item.png,
             "csv": item.csv,
-            "rows": rows if 0 < len(rows) <= 80 else [],
+            "rows": rows if 0 < len(rows) <= MAX_TABLE_ROWS else [],
             "preformatted": item.markdown if item.key == "drilldown" else "",
         })
     header = [line.lstrip("- ") for line in header_md[1:] if line.strip()]

@@ -9,11 +9,10 @@ The measurement itself is ``callbacks/fidelity_sample.py``.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from analysis.atomic import write_json_atomic
 from analysis.masks import condition_masks, load_subnetworks, resolve_mask
 from analysis.projection_error import FIDELITY_FILE
 from callbacks.checkpoints import CheckpointError, fingerprint, list_checkpoints, load_weights
@@ -70,11 +69,7 @@ def measure_fidelity(module, datamodule, run_dir: Path, sketch: SketchOptions, o
     result.update(epoch=epoch, checkpoint_fingerprint=fingerprint(checkpoints[epoch]), n_test=len(test_idx),
                   n_train=len(train_idx), d=d, p=p, test_chunks=scores.chunks,
                   projection=sketch.projection_record(), precision=sketch.precision, options=asdict(options))
-    out = run_dir / FIDELITY_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    out = write_json_atomic(run_dir / FIDELITY_FILE, result)
     err = result["share_error_pp"]
     print(f"fidelity ({options.condition}, epoch {epoch}, {len(test_idx)} test x {len(train_idx)} train, m={m}): "
           f"recall pos {result['recall_pos']:.3f}, neg {result['recall_neg']:.3f}, spearman {result['spearman']:.3f}, "

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from analysis.atomic import write_json_atomic as _atomic_write_json
+from analysis.atomic import write_json_atomic
 from analysis.mask_stats import write_mask_statistics
 from analysis.masks import check_mask
 from callbacks.checkpoints import CheckpointError, fingerprint, list_checkpoints, load_weights
@@ -173,7 +173,7 @@ def find_subnetworks(
             }
         )
         if rank == 0:
-            _atomic_write_json(path, record)
+            write_json_atomic(path, record)
             log.info(
                 "subnetwork %s: base accuracy %.4f, %d of %d heads disabled (%s)",
                 lang,
