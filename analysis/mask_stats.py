@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
 
@@ -107,6 +108,18 @@ def _cell(value) -> str:
         return str(int(value))
     return str(value)
 
+
+OUTCOME_KEYS = ("majority_rate", "degenerate")  # of each subnetworks/<lang>.json, appended to Table 1
+
+
+def search_outcomes(subnetworks_dir: Path, languages: list[str]) -> dict[str, list]:
+    """Per language, the JSON's ``majority_rate`` and ``degenerate`` ("" where the key is missing:
+    JSONs written before the search recorded them), so Table 1 shows which subnetworks are noise."""
+    outcomes = {}
+    for lang in languages:
+        data = json.loads((subnetworks_dir / f"{lang}.json").read_text(encoding="utf-8"))
+        outcomes[lang] = ["" if data.get(key) is None else data[key] for key in OUTCOME_KEYS]
+    return outcomes
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
@@ -218,8 +231,11 @@ def write_mask_statistics(subnetworks_dir: str | Path, languages: list[str]) -> 
 
     table = disabled_heads(masks, languages)
     header = ["language", "disabled_heads", "total_heads", "percent_disabled"]
+    outcome = search_outcomes(subnetworks_dir, languages)
     files["table1"] = write_csv(
-        out / "table1_disabled_heads.csv", header, [[r[k] for k in header] for r in table]
+        out / "table1_disabled_heads.csv",
+        [*header, *OUTCOME_KEYS],  # new columns at the end: readers index the first four
+        [[*(r[k] for k in header), *outcome[r["language"]]] for r in table],
     )
 
     usage = head_usage(masks, languages)

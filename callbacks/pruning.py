@@ -2,9 +2,11 @@
 
 Starting from the fine-tuned model, the heads with the lowest importance are disabled,
 ``step_fraction`` of all heads at a time, importance recomputed under the current mask at every
-step, until the language's dev accuracy falls below ``threshold`` × the unpruned accuracy; the
-last mask at or above that floor is the language's subnetwork. The stage that runs this for
-every language of a run and writes ``subnetworks/<lang>.json`` is
+step, until the language's dev accuracy falls below a floor (by default ``threshold`` × the
+unpruned accuracy, the paper's rule); the last mask at or above that floor is the language's
+subnetwork. A search whose floor is not above the majority-class rate is flagged degenerate: it
+may prune down to a model no better than always predicting the most frequent label. The stage
+that runs this for every language of a run and writes ``subnetworks/<lang>.json`` is
 ``lightning_modules/stages/subnetworks.py``.
 """
 
@@ -34,13 +36,22 @@ from .head_importance import (
 
 FORMAT = 1  # of subnetworks/<lang>.json
 
+ThresholdReference = Literal["unpruned", "majority_gain"]
+THRESHOLD_REFERENCES: tuple[str, ...] = ("unpruned", "majority_gain")
+TOLERANCE = 1e-12  # float rounding allowed when comparing accuracies with the floor
+
 
 @dataclass
 class SubnetworkOptions:
     """How each language's subnetwork is searched.
 
     Args:
-        threshold: stop when accuracy falls below ``threshold`` × the unpruned model's accuracy (paper: 0.95).
+        threshold: stop when accuracy falls below the floor ``threshold_reference`` derives from it (paper: 0.95).
+        threshold_reference: what ``threshold`` is a fraction of. ``unpruned`` (the paper): floor =
+            threshold × the unpruned accuracy. ``majority_gain``: floor = majority + threshold ×
+            (unpruned − majority), i.e. keep that fraction of what the model gained over always
+            predicting the majority class; a model within 5 % of the majority rate otherwise has a
+            floor below it, and pruning then removes nearly every head without ever stopping.
         step_fraction: fraction of *all* heads disabled per step, rounded (paper: 0.1, i.e. 14 of 144).
         normalization: how importance is normalised before ranking: ``layer_l2`` (each layer's scores
             divided by their L2 norm: Michel et al. 2019, whose procedure the paper follows), ``minmax``
@@ -57,6 +68,7 @@ class SubnetworkOptions:
     """
 
     threshold: float = 0.95
+    threshold_reference: ThresholdReference = "unpruned"
     step_fraction: float = 0.1
     normalization: Normalization = "layer_l2"
     data_split: Literal["dev", "train", "test"] = "dev"
@@ -72,6 +84,7 @@ class SubnetworkOptions:
     def __post_init__(self):
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"subnetworks.threshold must be in (0, 1], found {self.threshold}")
+        check_threshold_reference(self.threshold_reference, "subnetworks.threshold_reference")
         if not 0.0 < self.step_fraction < 1.0:
             raise ValueError(f"subnetworks.step_fraction must be in (0, 1), found {self.step_fraction}")
         for key in ("num_examples", "eval_examples", "batch_size"):
@@ -80,7 +93,11 @@ class SubnetworkOptions:
                 raise ValueError(f"subnetworks.{key} must be >= 1 or null, found {value}")
 
     def search_key(self) -> dict:
-        """The options that change a search's result (compared when resuming)."""
+        """The options that change a search's result (compared when resuming).
+
+        ``threshold_reference`` is left out at its default, so JSONs written before it existed
+        (all under the paper's rule) still match and are not recomputed.
+        """
         keys = (
             "threshold",
             "step_fraction",
@@ -90,7 +107,45 @@ class SubnetworkOptions:
             "eval_split",
             "eval_examples",
         )
-        return {k: getattr(self, k) for k in keys}
+        key = {k: getattr(self, k) for k in keys}
+        if self.threshold_reference != "unpruned":
+            key["threshold_reference"] = self.threshold_reference
+        return key
+
+
+def check_threshold_reference(reference: object, where: str) -> None:
+    """A ValueError naming ``where`` unless ``reference`` is one of THRESHOLD_REFERENCES."""
+    if reference not in THRESHOLD_REFERENCES:
+        raise ValueError(f"{where} must be 'unpruned' or 'majority_gain', found {reference!r}")
+
+
+def stopping_floor(
+    base: float, threshold: float, reference: ThresholdReference = "unpruned", majority: float | None = None
+) -> float:
+    """The accuracy below which pruning stops: ``threshold`` × ``base`` (``unpruned``, the paper),
+    or ``majority`` + ``threshold`` × (``base`` − ``majority``) (``majority_gain``)."""
+    check_threshold_reference(reference, "threshold_reference")
+    if reference == "unpruned":
+        return threshold * base
+    if majority is None:
+        raise ValueError("threshold_reference 'majority_gain' needs the majority-class rate, found None")
+    return majority + threshold * (base - majority)
+
+
+def degenerate_reason(base: float, floor: float, majority: float) -> str | None:
+    """Why a search cannot find a subnetwork better than always predicting the majority class
+    (None when it can): the unpruned model does not beat that rate, or the floor does not."""
+    reasons = []
+    if base <= majority + TOLERANCE:
+        reasons.append(
+            f"the unpruned accuracy {base:.4f} does not beat the majority-class rate {majority:.4f}"
+        )
+    if floor - TOLERANCE <= majority:  # an accuracy equal to the floor is kept
+        reasons.append(
+            f"the stopping floor {floor:.4f} is at or below the majority-class rate {majority:.4f}: "
+            "the search could not stop above always predicting the majority class"
+        )
+    return "; ".join(reasons) or None
 
 
 def heads_per_step(shape: tuple[int, int], step_fraction: float) -> int:
@@ -113,6 +168,13 @@ class PruningResult:
     threshold_accuracy: float = 0.0
     heads_per_step: int = 0
     stop_reason: str = ""
+    majority_rate: float | None = None
+    threshold_reference: str = "unpruned"
+    degenerate_reason: str | None = None  # None: not degenerate (or no majority rate given)
+
+    @property
+    def degenerate(self) -> bool:
+        return self.degenerate_reason is not None
 
 
 def prune_heads(
@@ -122,20 +184,36 @@ def prune_heads(
     threshold: float = 0.95,
     step_fraction: float = 0.1,
     on_step: Callable[[dict], None] | None = None,
+    majority_rate: float | None = None,
+    reference: ThresholdReference = "unpruned",
 ) -> PruningResult:
     """Iterative pruning with injected scoring, so the stopping rule can be tested on a script.
 
     ``importance_fn(mask)`` scores every head under the current L×H 0/1 mask;
     ``evaluate_fn(mask)`` is the accuracy with that mask. Each step disables exactly
     ``heads_per_step`` enabled heads, lowest importance first (ties: lowest layer, then head),
-    and evaluates; a step whose accuracy is below ``threshold`` × the unpruned accuracy ends
-    the search and is not kept. The search also ends before a step would leave no head.
+    and evaluates; a step whose accuracy is below the floor (``stopping_floor`` of the unpruned
+    accuracy, ``threshold``, ``reference`` and ``majority_rate``) ends the search and is not kept.
+    The search also ends before a step would leave no head. With ``majority_rate`` the result
+    says whether the search is degenerate (``degenerate_reason``).
     """
+    if majority_rate is not None and not 0.0 <= majority_rate <= 1.0:
+        raise ValueError(f"majority_rate must be in [0, 1], found {majority_rate}")
     per_step = heads_per_step(shape, step_fraction)
     mask = np.ones(shape, dtype=np.int8)
     base = float(evaluate_fn(mask.copy()))
-    floor = threshold * base
-    result = PruningResult(mask.copy(), np.zeros(shape), [], base, floor, per_step, "")
+    floor = stopping_floor(base, threshold, reference, majority_rate)
+    result = PruningResult(
+        mask=mask.copy(),
+        importance=np.zeros(shape),
+        base_accuracy=base,
+        threshold_accuracy=floor,
+        heads_per_step=per_step,
+        majority_rate=majority_rate,
+        threshold_reference=reference,
+    )
+    if majority_rate is not None:
+        result.degenerate_reason = degenerate_reason(base, floor, majority_rate)
     step = 0
     while True:
         if int(mask.sum()) - per_step < 1:
@@ -156,7 +234,7 @@ def prune_heads(
         candidate.flat[chosen] = 0
         accuracy = float(evaluate_fn(candidate.copy()))
         # a tiny tolerance so that e.g. 0.76 counts as reaching 0.95 * 0.8 despite float rounding
-        kept = accuracy >= floor - 1e-12
+        kept = accuracy >= floor - TOLERANCE
         entry = {
             "step": step,
             "disabled": [[i // shape[1], i % shape[1]] for i in chosen],
@@ -212,6 +290,22 @@ def rank_batches(datamodule, examples: list, batch_size: int) -> list[dict]:
     return [collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
 
 
+def majority_rate(batches: list[dict], num_labels: int, device) -> float:
+    """Share of the most frequent label among every rank's ``batches``: the accuracy of always
+    predicting it, on exactly the examples the accuracy is counted on (counts all-reduced)."""
+    counts = torch.zeros(num_labels, dtype=torch.float64, device=device)
+    for batch in batches:
+        labels = batch["labels"]
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_labels:
+            raise ValueError(f"labels must be in [0, {num_labels}), found {sorted(set(labels.tolist()))}")
+        counts += torch.bincount(labels, minlength=num_labels).to(counts)
+    counts = all_reduce_sum(counts)
+    total = float(counts.sum())
+    if total == 0:
+        raise ValueError("the majority-class rate needs at least one example; the batches were empty")
+    return float(counts.max()) / total
+
+
 def importance_within_eval(options: SubnetworkOptions) -> bool:
     """True when the importance examples are the first ones of the accuracy examples: then one
     forward pass over them serves both (the search needs importance and accuracy at every mask)."""
@@ -248,6 +342,7 @@ def prune_language(
         device=next(model.parameters()).device,
     )
     n_importance, n_eval = (int(c) for c in all_reduce_sum(counts).tolist())
+    majority = majority_rate(eval_data, model.config.num_labels, counts.device)
 
     def importance_fn(mask: np.ndarray) -> np.ndarray:
         if (key := mask.tobytes()) in reused:
@@ -284,7 +379,14 @@ def prune_language(
             bar.set_postfix(acc=f"{entry['accuracy']:.3f}", off=entry["disabled_total"])
 
         result = prune_heads(
-            shape, importance_fn, evaluate_fn, options.threshold, options.step_fraction, on_step
+            shape,
+            importance_fn,
+            evaluate_fn,
+            options.threshold,
+            options.step_fraction,
+            on_step,
+            majority,
+            options.threshold_reference,
         )
     return {
         "format": FORMAT,
@@ -294,7 +396,11 @@ def prune_language(
         "trace": result.trace,
         "base_accuracy": result.base_accuracy,
         "threshold": options.threshold,
+        "threshold_reference": options.threshold_reference,
         "threshold_accuracy": result.threshold_accuracy,
+        "majority_rate": result.majority_rate,
+        "degenerate": result.degenerate,
+        "degenerate_reason": result.degenerate_reason,
         "step_fraction": options.step_fraction,
         "heads_per_step": result.heads_per_step,
         "disabled_heads": int(result.mask.size - result.mask.sum()),

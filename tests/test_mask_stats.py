@@ -19,7 +19,7 @@ from analysis.mask_stats import (
     usage_per_layer,
     write_mask_statistics,
 )
-from analysis.masks import MaskError
+from analysis.masks import MaskError, name_seed
 
 LANGS = ["en", "de", "ko"]
 # 2 layers x 3 heads; 1 = enabled
@@ -101,7 +101,8 @@ def test_write_mask_statistics(tmp_path):
     assert not list(stats.glob("*.tmp*"))
 
     table = read_csv(stats / "table1_disabled_heads.csv")
-    assert table[0] == ["language", "disabled_heads", "total_heads", "percent_disabled"]
+    assert table[0] == ["language", "disabled_heads", "total_heads", "percent_disabled", "majority_rate", "degenerate"]
+    assert all(row[4:] == ["", ""] for row in table[1:])  # masks without the search's outcome: empty cells
     assert [row[:3] for row in table[1:]] == [["en", "2", "6"], ["de", "2", "6"], ["ko", "5", "6"]]
     assert float(table[3][3]) == pytest.approx(500 / 6)
     usage = read_csv(stats / "heads_usage_per_layer.csv")
@@ -119,6 +120,26 @@ def test_write_mask_statistics(tmp_path):
     rows = {(r[0], r[1], r[2]): r[3] for r in per_layer[1:]}
     assert rows[("0", "en", "ko")] == "nan"
     assert float(rows[("1", "de", "ko")]) == pytest.approx(1 / math.sqrt(3))
+
+
+def test_table1_appends_majority_rate_and_degenerate_from_the_jsons(tmp_path):
+    sub = tmp_path / "subnetworks"
+    write_masks(sub, MASKS)
+    rng = np.random.default_rng(name_seed("table1-outcome", tmp_path.name))
+    outcome = {lang: (float(rng.uniform(0.3, 0.9)), bool(rng.integers(2))) for lang in ("en", "ko")}
+    for lang, (rate, degenerate) in outcome.items():  # de stays a JSON from before these keys
+        path = sub / f"{lang}.json"
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "majority_rate": rate, "degenerate": degenerate}))
+    write_mask_statistics(sub, LANGS)
+    table = read_csv(sub / "stats" / "table1_disabled_heads.csv")
+    assert table[0][:4] == ["language", "disabled_heads", "total_heads", "percent_disabled"]  # order kept
+    assert table[0][4:] == ["majority_rate", "degenerate"]
+    rows = {row[0]: row for row in table[1:]}
+    assert [row[:3] for row in table[1:]] == [["en", "2", "6"], ["de", "2", "6"], ["ko", "5", "6"]]
+    for lang, (rate, degenerate) in outcome.items():
+        assert float(rows[lang][4]) == rate and rows[lang][5] == str(degenerate)
+    assert rows["de"][4:] == ["", ""]
 
 
 def test_statistics_reject_masks_of_another_shape(tmp_path):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ import torch
 from analysis.masks import MaskError, name_seed
 from callbacks.checkpoints import CheckpointError, atomic_torch_save, fingerprint
 from callbacks.head_importance import evaluate_accuracy
-from callbacks.pruning import SubnetworkOptions, heads_per_step, prune_heads
+from callbacks.pruning import SubnetworkOptions, heads_per_step, majority_rate, prune_heads
 from datamodules import DataError, PAWSXDataModule
 from lightning_modules.classifier import SequenceClassifier
 from lightning_modules.stages.subnetworks import find_subnetworks
@@ -115,6 +119,113 @@ def test_ties_break_by_layer_then_head():
     assert result.trace[1]["disabled"] == [[0, 2], [1, 0]]
 
 
+def test_majority_gain_stops_where_the_floor_keeps_that_share_of_the_gain_over_majority():
+    rng = np.random.default_rng(name_seed("majority-gain-floor"))
+    shape = (2, 5)  # 2 heads per step: at most 4 steps
+    for trial in range(20):
+        majority = rng.uniform(0.3, 0.7)
+        base = rng.uniform(majority + 0.05, 1.0)
+        threshold = rng.uniform(0.5, 0.99)
+        floor = majority + threshold * (base - majority)  # the rule, written out independently
+        kept = int(rng.integers(0, 4))
+        # the first rejected accuracy lies between the paper's floor and this one: only this rule stops there
+        accuracies = [base, *rng.uniform(floor, base, kept), rng.uniform(threshold * base, floor), *[base] * 4]
+        script = Script(accuracies, shape, f"majority-gain-{trial}")
+        result = prune_heads(
+            shape, script.importance, script.evaluate, threshold, 0.2, majority_rate=majority,
+            reference="majority_gain",
+        )  # fmt: skip
+        assert result.threshold_accuracy == pytest.approx(floor, abs=1e-12)
+        assert [t["kept"] for t in result.trace] == [True] * kept + [False]
+        assert result.stop_reason == "accuracy_below_threshold"
+        assert int(result.mask.size - result.mask.sum()) == 2 * kept
+        assert not result.degenerate and result.majority_rate == majority
+        again = Script(accuracies, shape, f"paper-{trial}")
+        paper = prune_heads(shape, again.importance, again.evaluate, threshold, 0.2)
+        assert paper.mask.sum() < result.mask.sum()  # the paper's lower floor keeps the step this one rejects
+
+
+def test_floor_at_or_below_majority_is_degenerate_and_majority_gain_is_not():
+    shape = (2, 5)
+    rng = np.random.default_rng(name_seed("degenerate-floor"))
+    cases = [(0.65, 0.64), (0.8, 0.76)]  # the numbers; a floor exactly at the majority rate
+    for _ in range(10):
+        base = rng.uniform(0.4, 0.95)
+        cases.append((base, rng.uniform(0.95 * base, base - 1e-3)))
+    for base, majority in cases:
+        assert 0.95 * base <= majority + 1e-12 < base
+        accuracies = [base, *np.linspace(base, majority, 5)[1:]]
+        paper = prune_heads(shape, lambda m: np.zeros(shape), Script(accuracies, shape, "paper").evaluate,
+                            0.95, 0.2, majority_rate=majority)  # fmt: skip
+        assert paper.degenerate
+        assert paper.degenerate_reason == (
+            f"the stopping floor {0.95 * base:.4f} is at or below the majority-class rate {majority:.4f}: "
+            "the search could not stop above always predicting the majority class"
+        )
+        assert paper.stop_reason == "no_heads_left"  # pruned down to the majority rate without stopping
+        gain = prune_heads(shape, lambda m: np.zeros(shape), Script(accuracies, shape, "gain").evaluate,
+                           0.65, 0.2, majority_rate=majority, reference="majority_gain")  # fmt: skip
+        assert not gain.degenerate and gain.degenerate_reason is None
+        assert gain.threshold_accuracy > majority and gain.stop_reason == "accuracy_below_threshold"
+    # a floor clearly above the majority rate is not degenerate under the paper's rule either
+    fine = prune_heads(shape, lambda m: np.zeros(shape), lambda m: 0.9, 0.95, 0.2, majority_rate=0.5)
+    assert not fine.degenerate
+    # an unpruned model that does not beat the majority class is degenerate whatever the reference
+    for reference in ("unpruned", "majority_gain"):
+        base, majority = rng.uniform(0.3, 0.6), rng.uniform(0.6, 0.9)
+        result = prune_heads(shape, lambda m: np.zeros(shape), lambda m, base=base: base, 0.9, 0.2,
+                             majority_rate=majority, reference=reference)  # fmt: skip
+        assert result.degenerate
+        assert result.degenerate_reason.startswith(
+            f"the unpruned accuracy {base:.4f} does not beat the majority-class rate {majority:.4f}"
+        )
+
+
+def test_invalid_threshold_reference_is_refused_with_the_allowed_values():
+    with pytest.raises(ValueError, match=r"subnetworks\.threshold_reference must be 'unpruned' or "
+                                         r"'majority_gain', found 'majority'"):  # fmt: skip
+        SubnetworkOptions(threshold_reference="majority")
+    shape = (2, 5)
+    with pytest.raises(ValueError, match="threshold_reference must be .*found 'gain'"):
+        prune_heads(shape, lambda m: np.zeros(shape), lambda m: 0.9, reference="gain")
+    with pytest.raises(ValueError, match="'majority_gain' needs the majority-class rate"):
+        prune_heads(shape, lambda m: np.zeros(shape), lambda m: 0.9, reference="majority_gain")
+    with pytest.raises(ValueError, match=r"majority_rate must be in \[0, 1\], found 1.5"):
+        prune_heads(shape, lambda m: np.zeros(shape), lambda m: 0.9, majority_rate=1.5)
+
+
+def label_batches(labels: list[int], size: int = 3) -> list[dict]:
+    return [{"labels": torch.tensor(labels[i : i + size])} for i in range(0, len(labels), size)]
+
+
+def _majority_worker(rank: int, world: int, init_file: str, labels: list[list[int]], out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rate = majority_rate(label_batches(labels[rank]), 3, "cpu")
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(rate))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_majority_rate_counts_labels_over_all_ranks():
+    rng = np.random.default_rng(name_seed("majority-ddp"))
+    # rank 0 mostly label 0, rank 1 mostly label 2, unequal shares: no rank's own rate is the global one
+    labels = [rng.choice(3, size=7, p=[0.7, 0.2, 0.1]).tolist(), rng.choice(3, size=5, p=[0.0, 0.1, 0.9]).tolist()]
+    everything = labels[0] + labels[1]
+    expected = max(Counter(everything).values()) / len(everything)
+    assert majority_rate(label_batches(everything), 3, "cpu") == expected
+    own = [max(Counter(part).values()) / len(part) for part in labels]
+    assert all(rate != expected for rate in own)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.start_processes(
+            _majority_worker, args=(2, os.path.join(tmp, "init"), labels, tmp), nprocs=2, start_method="fork"
+        )
+        rates = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(2)]
+    assert rates == [expected, expected]
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\), found \[0, 2\]"):
+        majority_rate(label_batches([0, 2]), 2, "cpu")
+
+
 # -- the search over a run ---------------------------------------------------------------------
 
 
@@ -194,6 +305,50 @@ def test_find_subnetworks_writes_contract_and_resumes(tmp_path):
     atomic_torch_save(payload, other)
     find_subnetworks(module, dm, tmp_path / "run", changed, ckpt_path=other)
     assert json.loads(paths["de"].read_text())["checkpoint_fingerprint"] == fingerprint(other)
+
+
+def test_json_majority_rate_is_the_label_share_of_the_scored_eval_examples(tmp_path):
+    torch.set_num_threads(1)
+    dm, module, ckpt = make_run(tmp_path)
+    rng = np.random.default_rng(name_seed("json-majority", tmp_path.name))
+    limit = int(rng.integers(2, 10))
+    reference = str(rng.choice(["unpruned", "majority_gain"]))
+    options = SubnetworkOptions(threshold=0.9, threshold_reference=reference, step_fraction=0.5, eval_examples=limit,
+                                progress=False)  # fmt: skip
+    paths = find_subnetworks(module, dm, tmp_path / "run", options, ckpt_path=ckpt)
+    for lang_index, lang in enumerate(dm.languages):
+        labels = [e.record.label for e in dm.dataset("dev").examples if e.lang == lang_index]
+        expected = max(Counter(labels[:limit]).values()) / limit
+        assert expected != max(Counter(labels).values()) / len(labels)  # only the scored examples count
+        data = json.loads(paths[lang].read_text())
+        assert data["num_eval_examples"] == limit and data["majority_rate"] == pytest.approx(expected, abs=1e-12)
+        assert data["threshold_reference"] == reference and data["options"] == options.search_key()
+        base, floor, majority = data["base_accuracy"], data["threshold_accuracy"], data["majority_rate"]
+        expected_floor = 0.9 * base if reference == "unpruned" else majority + 0.9 * (base - majority)
+        assert floor == pytest.approx(expected_floor, abs=1e-12)
+        assert data["degenerate"] == (base <= majority + 1e-12 or floor - 1e-12 <= majority)
+        assert (data["degenerate_reason"] is None) == (not data["degenerate"])
+
+
+def test_old_jsons_stay_done_under_the_default_and_majority_gain_is_another_search(tmp_path):
+    torch.set_num_threads(1)
+    dm, module, ckpt = make_run(tmp_path, dev_per_language=4, languages=("en",))
+    assert "threshold_reference" not in SubnetworkOptions().search_key()
+    options = SubnetworkOptions(step_fraction=0.5, progress=False)
+    path = find_subnetworks(module, dm, tmp_path / "run", options, ckpt_path=ckpt)["en"]
+    old = json.loads(path.read_text())
+    for key in ("majority_rate", "threshold_reference", "degenerate", "degenerate_reason"):
+        del old[key]  # as written before the search recorded them
+    path.write_text(json.dumps(old))
+    find_subnetworks(module, dm, tmp_path / "run", options, ckpt_path=ckpt)
+    assert json.loads(path.read_text()) == old  # still done: not recomputed
+    table = (tmp_path / "run" / "subnetworks" / "stats" / "table1_disabled_heads.csv").read_text().splitlines()
+    assert table[0].endswith(",majority_rate,degenerate") and table[1].endswith(",,")
+    gain = SubnetworkOptions(step_fraction=0.5, progress=False, threshold_reference="majority_gain")
+    find_subnetworks(module, dm, tmp_path / "run", gain, ckpt_path=ckpt)
+    data = json.loads(path.read_text())
+    assert data["options"] == {**old["options"], "threshold_reference": "majority_gain"}
+    assert data["threshold_reference"] == "majority_gain" and 0.0 < data["majority_rate"] <= 1.0
 
 
 def test_bad_checkpoint_names_the_file(tmp_path):

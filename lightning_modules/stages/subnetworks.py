@@ -2,8 +2,9 @@
 
 Reads ``<run>/checkpoints/epoch=<E>.ckpt`` (the last, or ``--ckpt_path``) and the datamodule's
 dev split; writes ``<run>/subnetworks/<lang>.json`` (mask, importance, pruning trace, what it was
-computed from) and ``<run>/subnetworks/stats/`` (Table 1, overlaps, figures). A language whose
-JSON already records this checkpoint, data and options is skipped, so a stopped search resumes.
+computed from, the majority-class rate and whether the search was degenerate: its floor not above
+that rate) and ``<run>/subnetworks/stats/`` (Table 1, overlaps, figures). A language whose JSON
+already records this checkpoint, data and options is skipped, so a stopped search resumes.
 The measurements are in ``callbacks/head_importance.py``, one language's search in
 ``callbacks/pruning.py``; ``SubnetworkSearch`` runs this stage when ``fit`` ends.
 """
@@ -182,6 +183,8 @@ def find_subnetworks(
                 shape[0] * shape[1],
                 record["stop_reason"],
             )
+            if record["degenerate"]:
+                log.warning("subnetwork %s is degenerate: %s", lang, record["degenerate_reason"])
     paths = {lang: out_dir / f"{lang}.json" for lang in languages}
     if is_distributed():
         torch.distributed.barrier()
