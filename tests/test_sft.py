@@ -136,3 +136,46 @@ def test_sparse_training_refuses_mixed_language_batches(tmp_path):
     batch = {"langs": torch.tensor([0, 1])}
     with pytest.raises(RuntimeError, match="batching: language"):
         module.batch_language(batch)
+
+
+def test_predictions_npz_matches_accuracy_csv_and_the_test_set(tmp_path):
+    """The per-example file the callback writes is the table's source: its per-language means are
+    accuracy.csv's values, its rows are the test split's examples (by dataset index), every column present."""
+    import csv
+
+    from analysis.accuracy_stats import load_predictions
+
+    full = tmp_path / "full"
+    (full / "subnetworks").mkdir(parents=True)
+    write_masks(full / "subnetworks")
+    reference = SequenceClassifier(backbone="tiny-random", languages=LANGS, init_seed=1, dropout=0.0)
+    (full / "checkpoints").mkdir()
+    torch.save({"crossling": {"format": 1, "epoch": 0, "hparams": dict(reference.hparams)},
+                "state_dict": reference.state_dict()}, full / "checkpoints" / "epoch=0.ckpt")
+    torch.manual_seed(0)
+    dm = PAWSXDataModule(languages=LANGS, train_per_language=16, dev_per_language=8, test_per_language=8,
+                         batch_size=4, batching="language", backbone="tiny-random", seed=3, eval_batch_size=5)
+    module = SequenceClassifier(backbone="tiny-random", languages=LANGS, learning_rate=1e-2, schedule="constant",
+                                subnetworks=str(full / "subnetworks"), dropout=0.0)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path / "sft", enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=dm)
+
+    out = tmp_path / "sft" / "accuracy"
+    preds = load_predictions(out / "predictions.npz")
+    assert not list(out.glob("*.tmp*"))
+    columns = ["full_model", "subnetwork_after_full_ft", "subnetwork_after_sft"]
+    assert list(preds.correct) == columns and preds.languages == LANGS
+    examples = dm.dataset("test").examples
+    np.testing.assert_array_equal(preds.test_index, [e.index for e in examples])
+    np.testing.assert_array_equal(preds.lang, [e.lang for e in examples])
+    np.testing.assert_array_equal(preds.label, [e.record.label for e in examples])
+    with open(out / "accuracy.csv", newline="") as f:
+        table = {row["language"]: row for row in csv.DictReader(f)}
+    assert list(table) == [*LANGS, "mean"]
+    for column in columns:
+        for g, lang in enumerate(LANGS):
+            assert float(table[lang][column]) == pytest.approx(preds.correct[column][preds.lang == g].mean(), abs=5e-5)
+    # the three columns are three different models' results, not one copied
+    assert len({preds.correct[c].tobytes() for c in columns}) > 1
