@@ -73,7 +73,10 @@ class TaskDataModule(pl.LightningDataModule):
         hub_id: ``<user>/<repo>`` (or a folder) with ``<lang>/<split>-*.parquet`` (``hub``; required for MARC).
         train_per_language / dev_per_language / test_per_language: examples per language (None: all).
         max_length: tokens per (pair of) text(s), truncated.
-        seed: which items are sampled, and the order of training batches.
+        seed: which items are sampled (and, unless ``shuffle_seed`` is given, the order of training batches).
+        shuffle_seed: the order of training batches (None: ``seed``). A study's training seeds set it, so
+            that runs differ in training only (head initialisation, dropout, batch order) and keep the
+            same data sample.
         batch_size / eval_batch_size: per device.
         batching: ``mixed`` (shuffled, languages mixed; full fine-tuning) or ``language``
             (each batch one language, each language equally often; sparse fine-tuning).
@@ -95,6 +98,7 @@ class TaskDataModule(pl.LightningDataModule):
         test_per_language: int | None = 500,
         max_length: int = 128,
         seed: int = 0,
+        shuffle_seed: int | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 64,
         batching: Literal["mixed", "language"] = "mixed",
@@ -116,6 +120,7 @@ class TaskDataModule(pl.LightningDataModule):
         self.source, self.data_dir, self.hub_id = source, data_dir, hub_id
         self.sizes = {"train": train_per_language, "dev": dev_per_language, "test": test_per_language}
         self.max_length, self.seed = max_length, seed
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.batching, self.num_workers, self.backbone = batching, num_workers, backbone
         self.length_buckets = length_buckets
@@ -185,10 +190,11 @@ class TaskDataModule(pl.LightningDataModule):
         world, rank = self._ranks()
         lengths = [len(e.input_ids) for e in dataset.examples] if self.length_buckets else None
         if self.batching == "language":
-            sampler = LanguageBatchSampler([e.lang for e in dataset.examples], self.batch_size, self.seed, world, rank,
+            sampler = LanguageBatchSampler([e.lang for e in dataset.examples], self.batch_size, self.shuffle_seed, world, rank,
                                            lengths=lengths)
         else:
-            sampler = RankSlicedBatchSampler(len(dataset), self.batch_size, True, self.seed, world, rank, lengths=lengths)
+            sampler = RankSlicedBatchSampler(len(dataset), self.batch_size, True, self.shuffle_seed, world, rank,
+                                             lengths=lengths)
         return self._loader(dataset, sampler)
 
     def eval_dataloader(self, split: str, shard: bool = True) -> DataLoader:

@@ -232,3 +232,23 @@ def test_evaluation_reads_shortest_first_and_covers_each_rank_share_once():
         assert sorted(order) == list(range(rank, 101, 2))
         seen += order
     assert sorted(seen) == list(range(101))
+
+
+@pytest.mark.parametrize("batching", ["language", "mixed"])
+def test_shuffle_seed_changes_batch_order_but_not_the_data_sample(batching):
+    """A training seed reorders batches (shuffle_seed) and keeps the sampled items: seeds differ in training only."""
+    from helpers import SMALL_PAWSX, small_pawsx_datamodule
+
+    import lightning_modules  # noqa: F401  (registers the tiny model's tokenizer)
+
+    def first_epoch(shuffle_seed):
+        dm = small_pawsx_datamodule(batching=batching, shuffle_seed=shuffle_seed)
+        return [e.record.id for e in dm.dataset("train").examples], [b["indices"].tolist() for b in dm.train_dataloader()]
+
+    ids_default, order_default = first_epoch(None)
+    ids_same, order_same = first_epoch(SMALL_PAWSX["seed"])
+    ids_other, order_other = first_epoch(SMALL_PAWSX["seed"] + 1)
+    assert ids_default == ids_same == ids_other  # the data's own seed alone picks the items
+    assert order_default == order_same  # shuffle_seed None is the data seed: the order before shuffle_seed existed
+    assert order_other != order_same
+    assert sorted(i for b in order_other for i in b) == sorted(i for b in order_same for i in b)
