@@ -19,7 +19,8 @@ from markdown_it import MarkdownIt
 from .atomic import write_text_atomic as _write
 from .report.render import MAX_TABLE_ROWS, markdown_table, read_csv
 from .study_findings import study_findings
-from .study_summary import study_summary
+from .study_pooled import describe, pooled_rows, pooled_table, seed_roots
+from .study_summary import pooled_findings, stability_sentence, study_summary
 
 # The paper's order of results; items without a paper number come last.
 PAPER_ORDER = ["Table 1", "Fig 12", "Fig 13", "Fig 14", "Fig 15", "Fig 11", "Fig 2", "Fig 3", "Table 2", "Fig 4",
@@ -87,12 +88,61 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
 
 
 
+def write_seed_pooling(root: Path, out: Path) -> list[str]:
+    """A study of several training seeds: the pooled findings' table and the subnetworks' stability
+    across seeds (``report/mask_stability/``); returns the front page's Markdown for them."""
+    from .contributions import write_rows_csv
+    from .mask_stability import load_seed_masks, write_mask_stability
+
+    roots = seed_roots(root)
+    md = ["## What held across seeds", "",
+          f"Training seeds {', '.join(map(str, roots))}: the same data sample, each seed its own fine-tuning, "
+          "subnetworks, SFT and analyses. Pooled estimates are the mean of the seeds' estimates; their 95% "
+          "intervals come from a two-level bootstrap (seeds with replacement, then each drawn seed's test "
+          "examples), so they cover both the training run and the test sample; * marks a pooled interval "
+          "that clears zero by more than the largest projection error measured on the compared runs; "
+          "(k/S) counts the seeds whose own estimate has the pooled sign.", ""]
+    findings = pooled_findings(root)
+    for finding in findings:
+        md += [f"- {describe(finding)}", "", markdown_table(pooled_table(finding)), ""]
+    rows = pooled_rows(findings)
+    if rows:
+        write_rows_csv(out / "pooled_findings.csv", rows, list(dict.fromkeys(k for r in rows for k in r)))
+        md += ["", "Data: [pooled_findings.csv](pooled_findings.csv)"]
+    dirs = {seed: path / "full" / "subnetworks" for seed, path in roots.items()}
+    if all(any(d.glob("*.json")) for d in dirs.values()):
+        loaded = load_seed_masks(dirs)
+        write_mask_stability(loaded.masks, loaded.degenerate, out / "mask_stability")
+        md += ["", "## Subnetworks across seeds (stability; Table 1 over seeds)", ""]
+        if sentence := stability_sentence(root):
+            md += [sentence, ""]
+        md += ["![mask stability](mask_stability/mask_stability.png)", "",
+               "![mask Jaccard matrix](mask_stability/mask_jaccard_matrix.png)", ""]
+        table = read_csv(out / "mask_stability" / "mask_stability.csv")
+        if 0 < len(table) <= MAX_TABLE_ROWS:
+            md += [markdown_table(table), ""]
+        md += ["Data: [mask_stability.csv](mask_stability/mask_stability.csv), "
+               "[mask_jaccard_matrix.csv](mask_stability/mask_jaccard_matrix.csv), "
+               "[mask_stability_summary.json](mask_stability/mask_stability_summary.json)", ""]
+    for seed, path in roots.items():
+        findings = study_findings(path)
+        if findings:
+            md += [f"## What seed {seed} found on its own", "", *(f"- {f}" for f in findings), ""]
+    return md
+
+
 def write_study_report(root: Path) -> Path:
-    """Write ``<root>/report/report.md`` and ``report.html``; returns the markdown path."""
+    """Write ``<root>/report/report.md`` and ``report.html``; returns the markdown path.
+
+    With several training seeds the page opens with what held across them; the per-run figures
+    below are the first seed's (every seed's reports are linked)."""
     root = Path(root)
     out = root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    runs = _runs(root)
+    roots = seed_roots(root)
+    several = len(roots) > 1
+    first = roots[min(roots)] if roots else root
+    runs = _runs(first)
     items, seen = [], set()
     for run in runs:
         for item in json.loads((run / "report" / "items.json").read_text()):
@@ -105,13 +155,22 @@ def write_study_report(root: Path) -> Path:
     items.sort(key=_paper_rank)
     dynamics = [row for run in runs for row in _read_dynamics(run)]
     has_dynamics = plot_dynamics(dynamics, out / "dynamics_across_runs.png")
+    prefix = f"{first.relative_to(root)}/" if several else ""
 
     md = [f"# crossling study: {root.name}", ""]
-    findings = study_findings(root)
-    if findings:
-        md += ["## What this study found", "", *(f"- {f}" for f in findings), ""]
+    if several:
+        md += write_seed_pooling(root, out)
+    else:
+        findings = study_findings(root)
+        if findings:
+            md += ["## What this study found", "", *(f"- {f}" for f in findings), ""]
     md += ["```", study_summary(root), "```", ""]
-    md += ["Per-run reports: " + ", ".join(f"[{r.name}](../{r.name}/report/report.html)" for r in runs), ""]
+    for seed, path in (roots.items() if several else [(None, root)]):
+        label = f"Seed {seed} per-run reports: " if several else "Per-run reports: "
+        rel = f"{path.relative_to(root)}/" if several else ""
+        md += [label + ", ".join(f"[{r.name}](../{rel}{r.name}/report/report.html)" for r in _runs(path)), ""]
+    if several:
+        md += [f"The sections below are seed {min(roots)}'s runs; the other seeds' are in their reports.", ""]
     if has_dynamics:
         md += ["## Language specialisation over epochs across runs (Figs 10, 17, 18)", "",
                "Mean over test languages of the in-language share of each test example's most positive training "
@@ -119,15 +178,17 @@ def write_study_report(root: Path) -> Path:
                "with shuffled subnetworks.", "", "![dynamics](dynamics_across_runs.png)", ""]
     for item in items:
         paper = f" ({item['paper']})" if item.get("paper") else ""
-        md += [f"## {item['title']}{paper} · {item['run_dir']} run", ""]
+        seed_tag = f"seed {min(roots)} " if several else ""
+        md += [f"## {item['title']}{paper} · {seed_tag}{item['run_dir']} run", ""]
+        where = f"../{prefix}{item['run_dir']}/report"
         if item.get("png"):
-            md += [f"![{item['title']}](../{item['run_dir']}/report/{item['png']})", ""]
+            md += [f"![{item['title']}]({where}/{item['png']})", ""]
         elif (item.get("csv") or "").endswith(".csv"):  # a table without a figure: show the table itself
-            rows = read_csv(root / item["run_dir"] / "report" / item["csv"])
+            rows = read_csv(first / item["run_dir"] / "report" / item["csv"])
             if 0 < len(rows) <= MAX_TABLE_ROWS:
                 md += [markdown_table(rows), ""]
         if item.get("csv"):
-            md += [f"Data: [{item['csv']}](../{item['run_dir']}/report/{item['csv']})", ""]
+            md += [f"Data: [{item['csv']}]({where}/{item['csv']})", ""]
     path = out / "report.md"
     _write(path, "\n".join(md))
     _write(out / "report.html", _html(root, md))

@@ -11,6 +11,7 @@ from tabulate import tabulate
 
 from .report.render import format_cell
 from .study_findings import study_findings
+from .study_pooled import PooledFinding, describe, pooled_accuracy, pooled_influence, pooled_table, seed_roots
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -91,14 +92,12 @@ def influence_matrix(path: Path, sign: str = "pos") -> str:
     return "\n".join(lines)
 
 
-def study_summary(root: Path) -> str:
+def seed_summary(root: Path, heading: str = "") -> list[str]:
+    """One training seed's runs (or a one-seed study): learned?, accuracy, Table 1, the main matrix, findings."""
     full, sft = root / "full", root / "sft"
     learned, ok = learned_table(full)
     parts = [
-        "=" * 72,
-        f"crossling study summary — {root}",
-        "=" * 72,
-        "Full fine-tuning, dev accuracy vs the majority-class rate:",
+        f"Full fine-tuning{heading}, dev accuracy vs the majority-class rate:",
         learned,
         "" if ok else "WARNING: the model does not beat the majority class in every language; "
         "influence rankings would mostly reflect labels, not languages.",
@@ -114,7 +113,51 @@ def study_summary(root: Path) -> str:
     ]
     findings = study_findings(root)
     if findings:
-        parts += ["What the study found:", *(f"- {f}" for f in findings), ""]
+        parts += [f"What this seed found{heading}:" if heading else "What the study found:",
+                  *(f"- {f}" for f in findings), ""]
+    return parts
+
+
+def pooled_findings(root: Path) -> list[PooledFinding]:
+    """The pooled answer of every question the seeds' files answer (empty for a one-seed study)."""
+    if len(seed_roots(root)) < 2:
+        return []
+    return pooled_influence(root) + pooled_accuracy(root)
+
+
+def stability_sentence(root: Path) -> str | None:
+    """The subnetworks' stability across seeds in one sentence (from the front page's summary JSON)."""
+    import json
+
+    path = root / "report" / "mask_stability" / "mask_stability_summary.json"
+    if not path.is_file():
+        return None
+    s = json.loads(path.read_text())
+    return (f"Subnetworks across seeds: a language's masks from two seeds overlap with Jaccard {s['j_same']:.2f} "
+            f"(enabled heads), masks of different languages from different seeds {s['j_other']:.2f}, of different "
+            f"languages within a seed {s['j_within']:.2f}; random masks of the same sparsity "
+            f"{s['random_jaccard']:.2f}. Same-language pairs minus other-language pairs: {s['difference']:+.3f} "
+            f"(permutation p = {s['permutation_p']:.3f}, language labels shuffled within seeds).")
+
+
+def study_summary(root: Path) -> str:
+    root = Path(root)
+    roots = seed_roots(root)
+    parts = ["=" * 72, f"crossling study summary — {root}", "=" * 72]
+    if len(roots) < 2:
+        parts += seed_summary(root)
+    else:
+        parts += [f"Training seeds: {', '.join(map(str, roots))} (the same data sample; each seed its own "
+                  "fine-tuning, subnetworks, SFT and analyses).", "",
+                  "What held across seeds (pooled: two-level bootstrap over seeds, then test examples; * = the "
+                  "pooled interval clears zero by more than the projection error):"]
+        for finding in pooled_findings(root):
+            parts += [f"- {describe(finding)}", _table(pooled_table(finding)), ""]
+        if sentence := stability_sentence(root):
+            parts.append(f"- {sentence}")
+        parts.append("")
+        for seed, path in roots.items():
+            parts += ["-" * 72, f"Seed {seed} ({path})", "-" * 72, *seed_summary(path, f" (seed {seed})")]
     report = root / "report" / "report.html"
     parts.append(f"Report: {report if report.exists() else root / 'report' / 'report.md'}")
     return "\n".join(parts)

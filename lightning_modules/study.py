@@ -29,11 +29,19 @@ class StudyConfig:
     """What a study runs. Config paths are relative to the study config's folder.
 
     Args:
-        root: run directory of the study; each run is a subfolder (full, sft, sft-random<seed>).
+        root: run directory of the study; each run is a subfolder (full, sft, sft-random<seed>), under
+            ``seed<s>/`` per training seed when there are several.
         full: config of full fine-tuning (``crossling fit``).
         subnetworks: config of the subnetwork search (``crossling subnetworks``).
         sft: config of sparse fine-tuning (``crossling fit``).
         analyze: config of sketching, influence and report (``crossling analyze``).
+        seeds: training seeds; each runs the whole chain (fine-tuning, subnetworks, SFT, their analyses)
+            with that seed for everything random in training (``seed_everything``, ``model.init_seed``, the
+            order of training batches) on the same data sample (the data's own seed stays fixed). One seed
+            keeps the single-run layout; several put each seed's runs under ``seed<s>/`` and the report
+            pools them.
+        fidelity_seeds: the seeds whose analyses run the fidelity stage (None: every seed); the pooled
+            findings take the largest share error measured on any of them.
         random_seeds: seeds of the random-subnetwork SFT runs (paper: 0 1 2).
         natural_conditions: conditions analysed on the fully fine-tuned model.
         sft_conditions: conditions analysed on the SFT run.
@@ -46,6 +54,8 @@ class StudyConfig:
     subnetworks: str = "subnetworks.yaml"
     sft: str = "sft.yaml"
     analyze: str = "analyze.yaml"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    fidelity_seeds: list[int] | None = None
     random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     natural_conditions: list[str] = field(default_factory=lambda: ["full", "own", "random0", "as-en"])
     sft_conditions: list[str] = field(default_factory=lambda: ["own"])
@@ -70,7 +80,38 @@ def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-    return StudyConfig(**raw), path.parent
+    cfg = StudyConfig(**raw)
+    check_seeds(cfg, path)
+    return cfg, path.parent
+
+
+def check_seeds(cfg: StudyConfig, path: Path) -> None:
+    """A seed list is a non-empty list of distinct integers; fidelity seeds are among them."""
+    for key in ("seeds", "random_seeds"):
+        seeds = getattr(cfg, key)
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                                 for s in seeds):
+            raise ValueError(f"{path}: key '{key}': expected a non-empty list of integers, found {seeds!r}")
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"{path}: key '{key}': seed(s) {repeated} repeated in {seeds}; each seed is one run")
+    if cfg.fidelity_seeds is not None:
+        if not isinstance(cfg.fidelity_seeds, list) or not cfg.fidelity_seeds:
+            raise ValueError(f"{path}: key 'fidelity_seeds': expected a non-empty list of seeds or null, "
+                             f"found {cfg.fidelity_seeds!r}")
+        unknown = [s for s in cfg.fidelity_seeds if s not in cfg.seeds]
+        if unknown:
+            raise ValueError(f"{path}: key 'fidelity_seeds': {unknown} not among the study's seeds {cfg.seeds}")
+
+
+def seed_root(root: Path, cfg: StudyConfig, seed: int) -> Path:
+    """Where one training seed's runs live: the study root itself when the study has one seed."""
+    return root if len(cfg.seeds) == 1 else root / f"seed{seed}"
+
+
+def training_seed_args(seed: int) -> list[str]:
+    """Everything random in training follows the seed; the data sample does not."""
+    return [f"--seed_everything={seed}", f"--model.init_seed={seed}", f"--data.init_args.shuffle_seed={seed}"]
 
 
 def analysis_outputs(run: Path) -> list[Path]:
@@ -83,45 +124,62 @@ ANALYSIS_STAGES = ("sketch", "influence", "fidelity", "report")
 
 
 def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
-    """The study as a list of CLI calls with their dependencies."""
+    """The study as a list of CLI calls with their dependencies: every seed's chain, then the front page."""
     root = Path(cfg.root).expanduser().resolve()
+    stages: list[Stage] = []
+    for seed in cfg.seeds:
+        prefix = "" if len(cfg.seeds) == 1 else f"seed{seed}-"
+        with_fidelity = cfg.fidelity_seeds is None or seed in cfg.fidelity_seeds
+        stages += plan_seed_stages(cfg, base, seed_root(root, cfg, seed), seed, prefix, with_fidelity)
+    stages.append(Stage("report", ["report", str(root)], [s.name for s in stages if s.name.endswith("analysis")]))
+    return stages
+
+
+def plan_seed_stages(cfg: StudyConfig, base: Path, root: Path, seed: int, prefix: str,
+                     with_fidelity: bool) -> list[Stage]:
+    """One training seed's chain: full fine-tuning, subnetworks, SFT and random SFT, their analyses."""
     conf = {k: str((base / getattr(cfg, k)).resolve()) for k in ("full", "subnetworks", "sft", "analyze")}
     full, sft = root / "full", root / "sft"
     subnetworks_dir = full / "subnetworks"
     extra = list(cfg.overrides)
+    steps = [s for s in ANALYSIS_STAGES if with_fidelity or s != "fidelity"]
 
     def fit(config: str, run: Path, *args: str) -> list[str]:
-        return ["fit", "--config", config, f"--trainer.default_root_dir={run}", *args, *extra]
+        return ["fit", "--config", config, f"--trainer.default_root_dir={run}", *args, *extra,
+                *training_seed_args(seed)]
 
     def analyze(run: Path, conditions: list[str], *args: str) -> list[str]:
         return ["analyze", "--config", conf["analyze"], f"--trainer.default_root_dir={run}",
-                f"--stages=[{', '.join(ANALYSIS_STAGES)}]", f"--conditions=[{', '.join(conditions)}]", *args, *extra]
+                f"--stages=[{', '.join(steps)}]", f"--conditions=[{', '.join(conditions)}]", *args, *extra]
 
+    def name(stage: str) -> str:
+        return prefix + stage
+
+    def after(*names: str) -> list[str]:
+        return [name(n) for n in names]
+
+    masks = f"--model.subnetworks={subnetworks_dir}"
     stages = [
-        Stage("full", fit(conf["full"], full), [], resume_fit=full, outputs=[full / "checkpoints"]),
-        Stage("subnetworks", ["subnetworks", "--config", conf["subnetworks"], f"--trainer.default_root_dir={full}",
-                              *extra], ["full"]),
-        Stage("natural-analysis", analyze(full, cfg.natural_conditions),
-              ["subnetworks"], outputs=analysis_outputs(full)),
-        Stage("sft", fit(conf["sft"], sft, f"--model.subnetworks={subnetworks_dir}"), ["subnetworks"], resume_fit=sft,
+        Stage(name("full"), fit(conf["full"], full), [], resume_fit=full, outputs=[full / "checkpoints"]),
+        Stage(name("subnetworks"), ["subnetworks", "--config", conf["subnetworks"], f"--trainer.default_root_dir={full}",
+                                    *extra], after("full")),
+        Stage(name("natural-analysis"), analyze(full, cfg.natural_conditions), after("subnetworks"),
+              outputs=analysis_outputs(full)),
+        Stage(name("sft"), fit(conf["sft"], sft, masks), after("subnetworks"), resume_fit=sft,
               outputs=[sft / "checkpoints"]),
     ]
-    for seed in cfg.random_seeds:
-        run = root / f"sft-random{seed}"
-        stages.append(Stage(f"sft-random{seed}", fit(conf["sft"], run, f"--model.subnetworks={subnetworks_dir}",
-                                                      f"--model.random_mask_seed={seed}"), ["subnetworks"], resume_fit=run,
-                            outputs=[run / "checkpoints"]))
-    masks = f"--model.subnetworks={subnetworks_dir}"
-    stages.append(Stage("sft-analysis", analyze(sft, cfg.sft_conditions, masks,
-                                                f"--compare_to={full}"), ["sft", "natural-analysis"],
-                        outputs=analysis_outputs(sft)))
-    for seed in cfg.random_seeds:
-        run = root / f"sft-random{seed}"
-        stages.append(Stage(f"sft-random{seed}-analysis",
-                            analyze(run, [f"random{seed}"], masks,
-                                    f"--compare_to={full}"),
-                            [f"sft-random{seed}", "natural-analysis"], outputs=analysis_outputs(run)))
-    stages.append(Stage("report", ["report", str(root)], [s.name for s in stages if s.name.endswith("analysis")]))
+    for random_seed in cfg.random_seeds:
+        run = root / f"sft-random{random_seed}"
+        stages.append(Stage(name(f"sft-random{random_seed}"),
+                            fit(conf["sft"], run, masks, f"--model.random_mask_seed={random_seed}"),
+                            after("subnetworks"), resume_fit=run, outputs=[run / "checkpoints"]))
+    stages.append(Stage(name("sft-analysis"), analyze(sft, cfg.sft_conditions, masks, f"--compare_to={full}"),
+                        after("sft", "natural-analysis"), outputs=analysis_outputs(sft)))
+    for random_seed in cfg.random_seeds:
+        run = root / f"sft-random{random_seed}"
+        stages.append(Stage(name(f"sft-random{random_seed}-analysis"),
+                            analyze(run, [f"random{random_seed}"], masks, f"--compare_to={full}"),
+                            after(f"sft-random{random_seed}", "natural-analysis"), outputs=analysis_outputs(run)))
     return stages
 
 
@@ -251,6 +309,8 @@ def study_main(argv: list[str]) -> None:
     if args.list:
         cfg, base = load_study_config(args.config)
         root = Path(cfg.root).expanduser().resolve()
+        print(f"training seeds: {' '.join(map(str, cfg.seeds))}"
+              + ("" if len(cfg.seeds) == 1 else f" (runs under {root}/seed<s>/)"))
         fingerprints: dict[str, str] = {}
         for stage in plan_stages(cfg, base):
             fp = stage_fingerprint(stage, fingerprints)

@@ -22,8 +22,9 @@ STAGES = ["full", "subnetworks", "natural-analysis", "sft", "sft-random0", "sft-
           "sft-random0-analysis", "report"]
 
 
-def write_study(tmp: Path, root: Path, k: int = 8) -> Path:
-    """A study on a few batches of the random tiny model; its own analyze config (small sketches)."""
+def write_study(tmp: Path, root: Path, k: int = 8, **keys) -> Path:
+    """A study on a few batches of the random tiny model; its own analyze config (small sketches);
+    ``keys`` set more study keys (seeds, fidelity_seeds)."""
     analyze = yaml.safe_load((REPO / "configs/demo/pawsx-analyze.yaml").read_text())
     analyze["sketch"]["k"] = k
     analyze["influence"].update(m=10, bootstrap_resamples=50)
@@ -48,7 +49,7 @@ def write_study(tmp: Path, root: Path, k: int = 8) -> Path:
             "--trainer.max_epochs=2",
             "--trainer.enable_progress_bar=false",
         ],
-    }
+    } | keys
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
@@ -159,19 +160,6 @@ def test_killed_during_sketching_resumes_to_identical_outputs(finished, tmp_path
     assert digests(root) == digests(reference)
 
 
-def test_a_changed_option_reruns_only_its_dependents(finished, tmp_path):
-    # runs last: it changes the finished study (smaller sketches), which the tests above compare against
-    root, _, config = finished
-    write_study(config.parent, root, k=4)
-    out = run_study(config)
-    for stage in ("full", "subnetworks", "sft", "sft-random0"):
-        assert f"{stage}: done" in out, f"{stage} should not re-run when only the analysis changed"
-    for stage in ("natural-analysis", "sft-analysis", "sft-random0-analysis", "report"):
-        assert f"] {stage}" in out and f"{stage}: done" not in out, f"{stage} should re-run"
-    sidecar = json.loads((root / "full/sketches/epoch=0/full/train.json").read_text())
-    assert sidecar["d"] == 16
-
-
 def test_time_left_is_estimated_per_stage_kind():
     from lightning_modules.study import Stage, estimate_seconds_left
 
@@ -184,3 +172,83 @@ def test_time_left_is_estimated_per_stage_kind():
     # fit at its mean (20), analyze at its own (100 each), subnetworks unseen: mean of all three
     expected = 20.0 + 2 * 100.0 + (10.0 + 30.0 + 100.0) / 3
     assert estimate_seconds_left(remaining, durations) == pytest.approx(expected)
+
+
+SEED_STAGES = [f"seed{s}-{stage}" for s in (0, 1) for stage in STAGES[:-1]] + ["report"]
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory) -> tuple[Path, str, Path]:
+    tmp = tmp_path_factory.mktemp("seeds")
+    config = write_study(tmp, tmp / "runs", seeds=[0, 1], fidelity_seeds=[0])
+    return tmp / "runs", run_study(config), config
+
+
+def test_each_training_seed_runs_the_whole_chain_and_the_front_page_pools_them(two_seeds):
+    root, out, config = two_seeds
+    for stage in SEED_STAGES:
+        assert (root / ".study" / f"{stage}.json").is_file(), f"stage {stage} has no completion marker"
+    for seed in (0, 1):
+        for run in ("full", "sft", "sft-random0"):
+            assert (root / f"seed{seed}" / run / "report" / "report.md").is_file(), (seed, run)
+        saved = yaml.safe_load((root / f"seed{seed}" / "full" / "config.yaml").read_text())
+        assert saved["seed_everything"] == seed and saved["model"]["init_seed"] == seed
+        assert saved["data"]["init_args"]["shuffle_seed"] == seed and saved["data"]["init_args"]["seed"] == 0
+    # fidelity only where asked; the pooled findings take the margin it measured
+    assert (root / "seed0" / "full" / "fidelity" / "fidelity.json").is_file()
+    assert not (root / "seed1" / "full" / "fidelity").exists()
+    front = (root / "report" / "report.md").read_text()
+    assert "## What held across seeds" in front and "pooled over 2 seeds" in front
+    assert "Subnetworks across seeds" in front and "Jaccard" in front
+    for name in ("mask_stability.csv", "mask_stability.png", "mask_jaccard_matrix.png", "mask_stability_summary.json"):
+        assert (root / "report" / "mask_stability" / name).is_file(), name
+    pooled = (root / "report" / "pooled_findings.csv").read_text()
+    assert "own_vs_full" in pooled and "sft_vs_full" in pooled and "accuracy_sft" in pooled
+    assert "What held across seeds" in out and "Seed 1 (" in out
+    # the seeds trained differently from the same data
+    a = torch.load(root / "seed0/full/checkpoints/epoch=1.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(root / "seed1/full/checkpoints/epoch=1.ckpt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seed_zero_of_several_is_the_one_seed_study(finished, two_seeds):
+    """Adding seeds moves a study's runs under seed<s>/ and changes none of seed 0's numbers."""
+    single, _, _ = finished
+    several, _, _ = two_seeds
+    one = digests(single)
+    assert one and one == digests(several / "seed0")
+
+
+def test_list_shows_the_seeds_and_what_is_done(two_seeds):
+    root, _, config = two_seeds
+    proc = study(config, "--list")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "training seeds: 0 1" in out
+    assert all(f"{stage} " in out for stage in SEED_STAGES) and "to run" not in out
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"seeds": []}, "key 'seeds': expected a non-empty list of integers"),
+    ({"seeds": [0, 1, 0]}, "seed(s) [0] repeated"),
+    ({"seeds": [0, 1], "fidelity_seeds": [2]}, "key 'fidelity_seeds': [2] not among"),
+])
+def test_a_bad_seed_list_is_one_clear_line_before_anything_runs(tmp_path, keys, message):
+    config = write_study(tmp_path, tmp_path / "runs", **keys)
+    proc = study(config)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and message in out and str(config) in out, out[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_changed_option_reruns_only_its_dependents(finished, tmp_path):
+    # runs last: it changes the finished study (smaller sketches), which the tests above compare against
+    root, _, config = finished
+    write_study(config.parent, root, k=4)
+    out = run_study(config)
+    for stage in ("full", "subnetworks", "sft", "sft-random0"):
+        assert f"{stage}: done" in out, f"{stage} should not re-run when only the analysis changed"
+    for stage in ("natural-analysis", "sft-analysis", "sft-random0-analysis", "report"):
+        assert f"] {stage}" in out and f"{stage}: done" not in out, f"{stage} should re-run"
+    sidecar = json.loads((root / "full/sketches/epoch=0/full/train.json").read_text())
+    assert sidecar["d"] == 16
