@@ -1,13 +1,18 @@
-"""What a study found, in sentences a reader can check against the paper: the in-language share
-of each test language's most positive influences under its own subnetwork vs the full model
-(paper Fig 2), after SFT vs the fully fine-tuned model (Fig 4), and accuracy after SFT vs full
-fine-tuning (Table 2). Reads only the CSV files the stages wrote."""
+"""What one training run of a study found, in sentences a reader can check against the paper: the
+in-language share of each test language's most positive influences under its own subnetwork vs the
+full model (paper Fig 2), after SFT vs the fully fine-tuned model (Fig 4), after SFT with shuffled
+subnetworks (Fig 6), and accuracy after SFT vs full fine-tuning with paired intervals (Table 2); beside
+each, a degenerate subnetwork or a model that did not beat the majority class. Reads only the files
+the stages wrote."""
 
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
+
+from .accuracy_stats import PredictionsError, accuracy_table_with_intervals, difference_name, load_predictions
+from .study_pooled import qualifying_notes
 
 # (run, condition, reference run, reference condition, what it answers, paper item)
 QUESTIONS = [
@@ -63,6 +68,23 @@ def describe_changes(changes: list[tuple[str, float, float, float, bool]]) -> st
 
 
 def accuracy_sentence(root: Path) -> str | None:
+    """Table 2 in a sentence: with per-example predictions, each language's accuracies with 95 % intervals
+    and the paired difference SFT − full; otherwise the means of accuracy.csv."""
+    try:
+        pred = load_predictions(root / "sft" / "accuracy" / "predictions.npz")
+    except (PredictionsError, OSError):
+        pred = None
+    if pred is not None and {"full_model", "subnetwork_after_sft"} <= set(pred.correct):
+        diff = difference_name("subnetwork_after_sft", "full_model")
+        cells = "; ".join(
+            f"{r['language']} {r['full_model']:.3f} [{r['full_model_low']:.3f}, {r['full_model_high']:.3f}] → "
+            f"{r['subnetwork_after_sft']:.3f} [{r['subnetwork_after_sft_low']:.3f}, "
+            f"{r['subnetwork_after_sft_high']:.3f}], {100 * r[diff]:+.1f} points [{100 * r[diff + '_low']:+.1f}, "
+            f"{100 * r[diff + '_high']:+.1f}] (majority {r['majority_rate']:.3f})"
+            for r in accuracy_table_with_intervals(pred)
+        )
+        return (f"Test accuracy, full fine-tuning → SFT with the subnetworks (Table 2; 95% bootstrap intervals, the "
+                f"difference paired over the same {len(pred.lang)} test examples): {cells}.")
     path = root / "sft" / "accuracy" / "accuracy.csv"
     if not path.is_file():
         return None
@@ -77,18 +99,29 @@ def accuracy_sentence(root: Path) -> str | None:
     return f"Test accuracy, full fine-tuning → SFT with the subnetworks (Table 2): {cells}."
 
 
+def questions(root: Path) -> list[tuple[str, str, str, str, str, str]]:
+    """QUESTIONS plus, for each random-subnetwork SFT run, its in-language share vs the full model (Fig 6)."""
+    random_runs = sorted(p.name for p in Path(root).glob("sft-random*") if p.is_dir())
+    return QUESTIONS + [(run, f"random{run.removeprefix('sft-random')}", "full", "full",
+                         f"after SFT with shuffled subnetworks ({run}) vs the fully fine-tuned model", "Fig 6")
+                        for run in random_runs]
+
+
 def study_findings(root: Path) -> list[str]:
-    """One sentence per question the study's files can answer."""
+    """One sentence per question the study's files can answer, with what qualifies it."""
     root = Path(root)
     out = []
-    for run, cond, ref_run, ref_cond, what, paper in QUESTIONS:
+    for run, cond, ref_run, ref_cond, what, paper in questions(root):
         path = find_difference_csv(root, run, cond, ref_run, ref_cond)
         if path is None or not path.is_file():
             continue
         changes = in_language_changes(path)
         if changes:
             tag = f" (paper {paper})" if paper else ""
-            out.append(f"In-language share of the top positive influences, {what}{tag}: {describe_changes(changes)}.")
+            notes = qualifying_notes({0: root}, [run], True)
+            beware = ("; beware: " + "; ".join(n.replace("seed 0 ", "") for n in notes)) if notes else ""
+            out.append(f"In-language share of the top positive influences, {what}{tag}: {describe_changes(changes)}"
+                       f"{beware}.")
     if sentence := accuracy_sentence(root):
         out.append(sentence)
     return out

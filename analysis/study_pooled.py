@@ -157,9 +157,9 @@ def degenerate_languages(seed_root: Path) -> list[str]:
 RUN_ACCURACY = {"full": ("sft", "full_model"), "sft": ("sft", "subnetwork_after_sft")}
 
 
-def below_majority_languages(seed_root: Path, run: str) -> list[str] | None:
-    """Test languages where ``run``'s model does not beat the majority-class rate (its accuracy at or below
-    it); None when the study has no per-example test predictions for that run."""
+def below_majority_languages(seed_root: Path, run: str) -> tuple[list[str], list[str]] | None:
+    """(test languages where ``run``'s model does not beat the majority-class rate, i.e. its accuracy is at
+    or below it; every test language); None when the study has no per-example test predictions for it."""
     where, column = RUN_ACCURACY.get(run, (run, "subnetwork_after_sft"))
     try:
         pred = load_predictions(seed_root / where / "accuracy" / "predictions.npz")
@@ -173,7 +173,7 @@ def below_majority_languages(seed_root: Path, run: str) -> list[str] | None:
         sel = pred.lang == g
         if sel.any() and pred.correct[column][sel].mean() <= majority[g]:
             out.append(lang)
-    return out
+    return out, list(pred.languages)
 
 
 def qualifying_notes(roots: dict[int, Path], q_runs: list[str], uses_masks: bool) -> list[str]:
@@ -188,17 +188,14 @@ def qualifying_notes(roots: dict[int, Path], q_runs: list[str], uses_masks: bool
     for run in q_runs:
         below = {}
         for seed, path in roots.items():
-            langs = below_majority_languages(path, run)
-            if langs:
-                below[seed] = "every language" if len(langs) == len(_languages_of(path)) else ", ".join(langs)
+            found = below_majority_languages(path, run)
+            if found and found[0]:
+                langs, every = found
+                below[seed] = "every language" if len(langs) == len(every) else ", ".join(langs)
         if below:
             notes.append(f"the `{run}` model does not beat the majority-class rate on test: "
                          + "; ".join(f"seed {seed} {where}" for seed, where in below.items()))
     return notes
-
-
-def _languages_of(seed_root: Path) -> list[str]:
-    return sorted(p.stem for p in (seed_root / "full" / "subnetworks").glob("*.json"))
 
 
 def pooled_influence(root: Path) -> list[PooledFinding]:

@@ -52,3 +52,26 @@ def test_findings_follow_the_reports_marking_when_the_csv_has_it(tmp_path):
     (report / "items.json").write_text(json.dumps([{"title": "full:own − full:full: change in % of top-50", "csv": "d.csv"}]))
     (found,) = study_findings(tmp_path)
     assert found.endswith("for fr.") and "de +2.0 [+0.5, +3.5]" in found
+
+
+def test_accuracy_sentence_states_intervals_and_a_run_below_the_majority_rate_is_named(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    n = 120
+    lang = np.repeat([0, 1], n // 2)
+    label = (rng.random(n) < 0.3).astype(np.int64)  # majority class 0 at about .7
+    full = rng.random(n) < 0.8
+    sft = np.zeros(n, dtype=bool) | (label == 0)  # the SFT model always predicts the majority class
+    (tmp_path / "sft" / "accuracy").mkdir(parents=True)
+    np.savez(tmp_path / "sft" / "accuracy" / "predictions.npz", test_index=np.arange(n), lang=lang,
+             languages=np.array(["de", "en"]), label=label, correct_full_model=full,
+             correct_subnetwork_after_full_ft=full, correct_subnetwork_after_sft=sft)
+    write_diff(tmp_path, "sft", "sft:own − full:full: change in % of top-50", "d.csv",
+               {("de", "de", "pos"): (3.0, 1.0, 5.0), ("en", "en", "pos"): (1.0, -1.0, 3.0)})
+    change, accuracy = study_findings(tmp_path)
+    de = lang == 0
+    assert f"de {full[de].mean():.3f} [" in accuracy and f"→ {sft[de].mean():.3f} [" in accuracy
+    diff = 100 * (sft[de].mean() - full[de].mean())
+    assert f"{diff:+.1f} points [" in accuracy and f"(majority {1 - label[de].mean():.3f})" in accuracy
+    assert "the `sft` model does not beat the majority-class rate on test: every language" in change
