@@ -24,6 +24,7 @@ Resampling draws are seeded from names (``analysis.masks.name_seed``), never fro
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,7 +125,9 @@ def pool_seeds(
                 within[s, g] = draws.reshape(n_resamples, n_seeds)
         counts[s, n_groups] = counts[s, :n_groups].sum()
 
-    with np.errstate(invalid="ignore"), _quiet_nanmean():
+    # nanmean of an all-NaN slice (a group no seed has) is NaN by design here: no warning
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         per_seed = np.concatenate([means, np.nanmean(means, axis=1, keepdims=True)], axis=1)
         # a seed's own interval: its first slot's resamples (stratified by group for the mean over groups)
         own = within[:, :, :, 0]  # (S, G, R)
@@ -144,16 +147,3 @@ def pool_seeds(
         pooled = np.nanmean(per_seed, axis=0)
     return PooledEffect([*group_names, ALL], seeds, per_seed, per_low, per_high, pooled, low, high, counts)
 
-
-class _quiet_nanmean:
-    """nanmean of an all-NaN slice is NaN by design here (a group no seed has): no warning."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._catch.__exit__(*exc)
