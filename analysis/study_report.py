@@ -17,6 +17,7 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 
 from .atomic import write_text_atomic as _write
+from .counterfactual_report import counterfactual_section
 from .report.render import MAX_TABLE_ROWS, markdown_table, read_csv
 from .study_findings import study_findings
 from .study_pooled import describe, pooled_rows, pooled_table, seed_roots
@@ -88,7 +89,7 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
 
 
 
-def write_seed_pooling(root: Path, out: Path) -> list[str]:
+def write_seed_pooling(root: Path, out: Path, findings: list) -> list[str]:
     """A study of several training seeds: the pooled findings' table and the subnetworks' stability
     across seeds (``report/mask_stability/``); returns the front page's Markdown for them."""
     from .contributions import write_rows_csv
@@ -102,7 +103,6 @@ def write_seed_pooling(root: Path, out: Path) -> list[str]:
           "examples), so they cover both the training run and the test sample; * marks a pooled interval "
           "that clears zero by more than the largest projection error measured on the compared runs; "
           "(k/S) counts the seeds whose own estimate has the pooled sign.", ""]
-    findings = pooled_findings(root)
     for finding in findings:
         md += [f"- {describe(finding)}", "", markdown_table(pooled_table(finding)), ""]
     rows = pooled_rows(findings)
@@ -158,13 +158,15 @@ def write_study_report(root: Path) -> Path:
     prefix = f"{first.relative_to(root)}/" if several else ""
 
     md = [f"# crossling study: {root.name}", ""]
+    findings = pooled_findings(root) if several else None
     if several:
-        md += write_seed_pooling(root, out)
+        md += write_seed_pooling(root, out, findings)
     else:
         findings = study_findings(root)
         if findings:
             md += ["## What this study found", "", *(f"- {f}" for f in findings), ""]
-    md += ["```", study_summary(root), "```", ""]
+    md += counterfactual_section(roots or {0: root}, out / "counterfactual")
+    md += ["```", study_summary(root, findings), "```", ""]
     for seed, path in (roots.items() if several else [(None, root)]):
         label = f"Seed {seed} per-run reports: " if several else "Per-run reports: "
         rel = f"{path.relative_to(root)}/" if several else ""

@@ -4,6 +4,7 @@ the main influence matrix, and where the report is. Reads only files the stages 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -140,7 +141,20 @@ def stability_sentence(root: Path) -> str | None:
             f"(permutation p = {s['permutation_p']:.3f}, language labels shuffled within seeds).")
 
 
-def study_summary(root: Path) -> str:
+def counterfactual_sentence(root: Path) -> str | None:
+    """The counterfactual check's sentence as the study report wrote it (pooled over the seeds that ran it)."""
+    path = Path(root) / "report" / "counterfactual" / "counterfactual.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["sentence"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def study_summary(root: Path, findings: list[PooledFinding] | None = None) -> str:
+    """The study's summary; ``findings`` are the pooled findings when the caller has them already (they
+    cost a bootstrap over every seed's test examples)."""
     root = Path(root)
     roots = seed_roots(root)
     parts = ["=" * 72, f"crossling study summary — {root}", "=" * 72]
@@ -151,13 +165,15 @@ def study_summary(root: Path) -> str:
                   "fine-tuning, subnetworks, SFT and analyses).", "",
                   "What held across seeds (pooled: two-level bootstrap over seeds, then test examples; * = the "
                   "pooled interval clears zero by more than the projection error):"]
-        for finding in pooled_findings(root):
+        for finding in pooled_findings(root) if findings is None else findings:
             parts += [f"- {describe(finding)}", _table(pooled_table(finding)), ""]
         if sentence := stability_sentence(root):
             parts.append(f"- {sentence}")
         parts.append("")
         for seed, path in roots.items():
             parts += ["-" * 72, f"Seed {seed} ({path})", "-" * 72, *seed_summary(path, f" (seed {seed})")]
+    if sentence := counterfactual_sentence(root):
+        parts += [f"- {sentence}", ""]
     report = root / "report" / "report.html"
     parts.append(f"Report: {report if report.exists() else root / 'report' / 'report.md'}")
     return "\n".join(parts)

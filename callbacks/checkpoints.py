@@ -31,10 +31,27 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 class EpochCheckpoint(pl.Callback):
-    """Save ``<run dir>/checkpoints/epoch=<E>.ckpt`` after each training epoch (validation included)."""
+    """Save ``<run dir>/checkpoints/epoch=<E>.ckpt`` after each training epoch (validation included).
+
+    Each records the epoch's mean learning rate and examples per optimizer step: TracIn weighs a
+    checkpoint's gradient products by the step size taken around it, and the counterfactual check turns
+    them into a predicted change of loss (``analysis/counterfactual.py``).
+    """
 
     def __init__(self, save_last: bool = True):
         self.save_last = save_last
+        self._rates: list[float] = []
+        self._examples = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rates, self._examples = [], 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if isinstance(batch, dict) and "labels" in batch:
+            self._examples += int(len(batch["labels"])) * trainer.world_size
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        self._rates.append(float(optimizer.param_groups[0]["lr"]))  # the rate this step uses
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -47,6 +64,9 @@ class EpochCheckpoint(pl.Callback):
                     "format": FORMAT,
                     "epoch": epoch,
                     "global_step": trainer.global_step,
+                    "learning_rate": sum(self._rates) / len(self._rates) if self._rates else None,
+                    "optimizer_steps": len(self._rates),
+                    "examples_per_step": self._examples / len(self._rates) if self._rates else None,
                     # constructor arguments only (LightningCLI adds "_instantiator"), so that
                     # ``type(module)(**hparams)`` rebuilds the model
                     "hparams": {k: v for k, v in pl_module.hparams.items() if not k.startswith("_")},

@@ -5,9 +5,11 @@ items, tokenise once, and serve mixed or language-homogeneous batches (DDP-aware
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -20,6 +22,7 @@ from .tasks import TASKS
 from .tokenizers import load_tokenizer_for
 
 log = logging.getLogger(__name__)
+RANDOM_LEAVE_OUT = "random"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,20 @@ class ExampleDataset(Dataset):
 
     def __getitem__(self, i: int) -> Example:
         return self.examples[i]
+
+
+def leave_out_indices(examples: list[Example], languages: list[str], leave_out: str | None, seed: int) -> np.ndarray:
+    """Indices of the examples a ``leave_out`` run does not train on, sorted: a language's all, or for
+    ``random`` as many as one language has on average, drawn from every language with a generator seeded
+    from a name and the data seed (never the global RNG), so the control run and its analysis agree."""
+    if leave_out is None:
+        return np.zeros(0, dtype=np.int64)
+    if leave_out != RANDOM_LEAVE_OUT:
+        code = languages.index(leave_out)
+        return np.array([e.index for e in examples if e.lang == code], dtype=np.int64)
+    count = round(len(examples) / len(languages))
+    rng = np.random.default_rng([zlib.crc32(b"crossling:leave_out:random"), seed])
+    return np.sort(rng.choice(np.array([e.index for e in examples], dtype=np.int64), size=count, replace=False))
 
 
 def make_collate(pad_id: int):
@@ -83,6 +100,10 @@ class TaskDataModule(pl.LightningDataModule):
         backbone: whose tokenizer to use (linked from ``model.backbone``).
         length_buckets: training batches of similar lengths (less padding: about 2.8x fewer
             padded tokens per e5-small step on bundled XNLI), still shuffled and seeded.
+        leave_out: train without these examples (the counterfactual check): a language code (all of its
+            training examples), or ``random`` (the control: as many examples as one language has, drawn
+            uniformly from all languages, seeded from the name and the data seed). The training split's
+            indices stay those of the run that trains on everything, so results line up with its analysis.
     """
 
     task: ClassVar[str]
@@ -105,6 +126,7 @@ class TaskDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         backbone: str = "tiny-random",
         length_buckets: bool = False,
+        leave_out: str | None = None,
     ):
         super().__init__()
         spec = TASKS[self.task]
@@ -124,6 +146,12 @@ class TaskDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.batching, self.num_workers, self.backbone = batching, num_workers, backbone
         self.length_buckets = length_buckets
+        if leave_out is not None and leave_out != RANDOM_LEAVE_OUT and leave_out not in self.languages:
+            raise DataError(
+                f"data.init_args.leave_out: {leave_out!r} is not a training language of this run; expected one of "
+                f"{self.languages} or {RANDOM_LEAVE_OUT!r}"
+            )
+        self.leave_out = leave_out
         self.datasets: dict[str, ExampleDataset] = {}
         self._tokenizer = None
 
@@ -170,6 +198,21 @@ class TaskDataModule(pl.LightningDataModule):
             self.datasets[split] = ExampleDataset(self.tokenize(self.load_records(split)))
         return self.datasets[split]
 
+    def left_out_indices(self) -> np.ndarray:
+        """Training-split indices that ``leave_out`` removes from training (empty without it), sorted."""
+        return leave_out_indices(self.dataset("train").examples, self.languages, self.leave_out, self.seed)
+
+    def training_examples(self) -> ExampleDataset:
+        """What training batches draw from: the training split less ``leave_out`` (each example keeps its index)."""
+        dataset = self.dataset("train")
+        if self.leave_out is None:
+            return dataset
+        dropped = set(self.left_out_indices().tolist())
+        kept = [e for e in dataset.examples if e.index not in dropped]
+        if not kept:
+            raise DataError(f"data.init_args.leave_out: leaving out {self.leave_out!r} leaves no training example")
+        return ExampleDataset(kept)
+
     # -- loaders ---------------------------------------------------------------------------
     def _ranks(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -186,7 +229,7 @@ class TaskDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.dataset("train")
+        dataset = self.training_examples()
         world, rank = self._ranks()
         lengths = [len(e.input_ids) for e in dataset.examples] if self.length_buckets else None
         if self.batching == "language":

@@ -26,7 +26,7 @@ from datamodules import TaskDataModule
 
 from .classifier import SequenceClassifier
 from .explain import example_texts, print_explanation
-from .stages import ANALYZE_STAGES, AnalyzeRequest, run_subnetworks
+from .stages import ANALYZE_STAGES, AnalyzeRequest, CounterfactualOptions, run_subnetworks
 
 
 class RunCSVLogger(CSVLogger):
@@ -116,26 +116,30 @@ class CrosslingTrainer(Trainer):
         self,
         model: SequenceClassifier,
         datamodule: TaskDataModule,
-        stages: list[Literal["sketch", "influence", "fidelity", "report"]] | None = None,
+        stages: list[Literal["sketch", "influence", "fidelity", "report", "counterfactual"]] | None = None,
         conditions: list[str] | None = None,
         compare_to: str | None = None,
         explain: int | None = None,
         sketch: SketchOptions | None = None,
         influence: InfluenceOptions | None = None,
         fidelity: FidelityOptions | None = None,
+        counterfactual: CounterfactualOptions | None = None,
     ) -> None:
         """Attribute test predictions to training languages with TracIn over the run's checkpoints.
 
         Args:
             stages: what to run, in order: ``sketch`` (gradient sketches per checkpoint x mask x split),
                 ``influence`` (top-m rankings and language contributions), ``fidelity`` (sketched vs exact
-                rankings on a sample), ``report`` (figures, tables, report.md/html).
+                rankings on a sample), ``report`` (figures, tables, report.md/html), ``counterfactual``
+                (TracIn's predicted change of test loss when a training language is left out, against fits
+                that left it out: ``crossling fit ... --data.init_args.leave_out <lang|random>``).
             conditions: mask conditions: full, own, random<seed>, as-<lang>, union-<a>-<b>, intersect-<a>-<b>.
             compare_to: another run directory (e.g. the full fine-tuning run of an SFT run) to compare with.
             explain: print the top training examples of this test example (dataset index) and stop.
             sketch: the gradient projection (default: the measured-fidelity setting; see README).
             influence: ranking, bootstrap and report options.
             fidelity: sample sizes of the fidelity check.
+            counterfactual: where the leave-out fits are and which languages they leave out.
         """
         request = AnalyzeRequest(
             trainer=self,
@@ -148,6 +152,7 @@ class CrosslingTrainer(Trainer):
             sketch=sketch or SketchOptions(),
             influence=influence or InfluenceOptions(),
             fidelity=fidelity or FidelityOptions(),
+            counterfactual=counterfactual or CounterfactualOptions(),
         )
         if explain is not None:
             print_explanation(request.run_dir, request.conditions[0], explain, example_texts(datamodule))

@@ -23,13 +23,18 @@ def configure_adamw(module, learning_rate: float, weight_decay: float, warmup_ra
     if schedule == "constant" and warmup_ratio == 0:
         return optimizer
     total = max(1, int(module.trainer.estimated_stepping_batches))
-    warmup = int(warmup_ratio * total)
-    linear = schedule == "linear"
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup)) if linear else 1.0
+        return schedule_factor(step, total, warmup_ratio, schedule)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def schedule_factor(step: int, total: int, warmup_ratio: float, schedule: str = "linear") -> float:
+    """The learning rate of optimizer step ``step`` (from 0) of ``total``, as a fraction of the peak:
+    linear warm-up over ``int(warmup_ratio * total)`` steps, then linear decay to zero or constant."""
+    warmup = int(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup)) if schedule == "linear" else 1.0

@@ -46,6 +46,10 @@ class StudyConfig:
         natural_conditions: conditions analysed on the fully fine-tuned model.
         sft_conditions: conditions analysed on the SFT run.
         overrides: extra arguments given to every stage (e.g. data sizes, epochs).
+        counterfactual: training languages to leave out, one fit each (plus a control leaving out as many
+            random examples), checked against TracIn's predicted change of test loss (None: not run; it
+            costs one full fine-tuning per language and seed; README, "The counterfactual check").
+        counterfactual_seeds: the seeds that run the counterfactual check (None: every seed).
         summary_split: the split whose majority-class rate the summary compares with dev accuracy.
     """
 
@@ -60,6 +64,8 @@ class StudyConfig:
     natural_conditions: list[str] = field(default_factory=lambda: ["full", "own", "random0", "as-en"])
     sft_conditions: list[str] = field(default_factory=lambda: ["own"])
     overrides: list[str] = field(default_factory=list)
+    counterfactual: list[str] | None = None
+    counterfactual_seeds: list[int] | None = None
 
 
 @dataclass
@@ -82,7 +88,24 @@ def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
         raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
     cfg = StudyConfig(**raw)
     check_seeds(cfg, path)
+    check_counterfactual_languages(cfg, path)
     return cfg, path.parent
+
+
+def check_counterfactual_languages(cfg: StudyConfig, path: Path) -> None:
+    """Languages to leave out are a non-empty list of distinct codes (whether the run trains on them is
+    the fit's to say, with the data's language list)."""
+    langs = cfg.counterfactual
+    if langs is None:
+        return
+    if not isinstance(langs, list) or not langs or not all(isinstance(x, str) and x for x in langs) \
+            or len(set(langs)) != len(langs) or "random" in langs:
+        raise ValueError(f"{path}: key 'counterfactual': expected a non-empty list of distinct training language "
+                         f"codes (the random control is added by itself), found {langs!r}")
+    chosen = cfg.counterfactual_seeds
+    if chosen is not None and (not isinstance(chosen, list) or not chosen or any(s not in cfg.seeds for s in chosen)):
+        raise ValueError(f"{path}: key 'counterfactual_seeds': expected a non-empty list of the study's seeds "
+                         f"{cfg.seeds}, found {chosen!r}")
 
 
 def check_seeds(cfg: StudyConfig, path: Path) -> None:
@@ -180,6 +203,28 @@ def plan_seed_stages(cfg: StudyConfig, base: Path, root: Path, seed: int, prefix
         stages.append(Stage(name(f"sft-random{random_seed}-analysis"),
                             analyze(run, [f"random{random_seed}"], masks, f"--compare_to={full}"),
                             after(f"sft-random{random_seed}", "natural-analysis"), outputs=analysis_outputs(run)))
+    if cfg.counterfactual and (cfg.counterfactual_seeds is None or seed in cfg.counterfactual_seeds):
+        stages += plan_counterfactual_stages(cfg, conf, root, fit, name)
+    return stages
+
+
+def plan_counterfactual_stages(cfg: StudyConfig, conf: dict[str, str], root: Path, fit, name) -> list[Stage]:
+    """One fit per language left out and the random control (same config, seed and schedule as the full
+    fine-tuning), then the check that compares their test losses with TracIn's prediction."""
+    from analysis.counterfactual import CONTROL, removed_run_name
+
+    full = root / "full"
+    stages, fits = [], []
+    for removed in [*cfg.counterfactual, CONTROL]:
+        run = root / removed_run_name(removed)
+        fits.append(name(removed_run_name(removed)))
+        stages.append(Stage(fits[-1], fit(conf["full"], run, f"--data.init_args.leave_out={removed}"), [],
+                            resume_fit=run, outputs=[run / "checkpoints"]))
+    command = ["analyze", "--config", conf["analyze"], f"--trainer.default_root_dir={full}",
+               "--stages=[counterfactual]", "--conditions=[full]",
+               f"--counterfactual.languages=[{', '.join(cfg.counterfactual)}]", *cfg.overrides]
+    stages.append(Stage(name("counterfactual-analysis"), command, [name("natural-analysis"), *fits],
+                        outputs=[full / "counterfactual"]))
     return stages
 
 

@@ -9,6 +9,7 @@ command                                         starts in                   writ
 ``crossling analyze --stages influence``        ``influence.py``            ``influence/<condition>/``
 ``crossling analyze --stages fidelity``         ``fidelity.py``             ``fidelity/fidelity.json``
 ``crossling analyze --stages report``           ``report.py``               ``report/``
+``crossling analyze --stages counterfactual``   ``counterfactual.py``       ``counterfactual/``
 ==============================================  ==========================  =================================
 
 ``crossling fit`` is Lightning's own loop (``CrosslingTrainer`` in ``../cli.py``), and ``crossling
@@ -16,6 +17,7 @@ study`` runs all of these in turn (``../study.py``). The stages sit on the top f
 model's passes in ``callbacks/`` and the numpy work in ``analysis/``, neither of which imports them.
 """
 
+from .counterfactual import CounterfactualOptions, run_counterfactual_stage
 from .fidelity import run_fidelity_stage
 from .influence import run_influence_stage
 from .report import run_report_stage
@@ -28,6 +30,7 @@ ANALYZE_STAGES = {
     "influence": run_influence_stage,
     "fidelity": run_fidelity_stage,
     "report": run_report_stage,
+    "counterfactual": run_counterfactual_stage,
 }
 
-__all__ = ["ANALYZE_STAGES", "AnalyzeRequest", "run_subnetworks"]
+__all__ = ["ANALYZE_STAGES", "AnalyzeRequest", "CounterfactualOptions", "run_subnetworks"]

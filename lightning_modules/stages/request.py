@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -36,3 +36,4 @@ class AnalyzeRequest:
     sketch: SketchOptions
     influence: InfluenceOptions
     fidelity: FidelityOptions
+    counterfactual: object = field(default=None)  # CounterfactualOptions (stages/counterfactual.py)

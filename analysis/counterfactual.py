@@ -1,0 +1,338 @@
+"""The counterfactual check of the language-influence matrix: what fine-tuning again without one
+training language does to each test language's loss, against what first-order TracIn says it does.
+
+Retraining is the ground truth attribution approximates. At the level the study speaks of, whole
+training languages, it costs one fit per language, plus a control that leaves out as many examples
+drawn at random from every language, so that what is left is the effect of *which* examples were
+removed, not of training on fewer. Both sides are per test example, so every cell gets a bootstrap
+interval over test examples (paired: the same example under both models), pooled over training
+seeds with the two-level bootstrap of ``seed_pooling``.
+
+TracIn's prediction of removing a set S on test example z is the loss the training steps on S took
+off z: Σ_e (η_e / B_e) Σ_{x∈S} g_x(θ_e) · g_z(θ_e) (a step of size η on a batch of B lowers z's loss by
+about η/B · g_x·g_z for each x in it; Adam's preconditioning is ignored, as TracIn ignores it). The
+sum over S is estimated from the analysis's sketched pool: each language's mean pool gradient
+times the number of S's examples of that language (the pool is a uniform sample of each language's
+training items, so this is unbiased for the whole of S). numpy only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .correlations import correlate
+from .masks import name_seed
+from .seed_pooling import PooledEffect, SeedSample, pool_seeds
+
+CONTROL = "random"  # the data module's leave_out value of the control run
+QUANTITIES = ("retrained", "predicted", "excess", "accuracy")
+
+
+class CounterfactualError(ValueError):
+    """Inputs of the counterfactual check that do not fit together; the message names the file or key."""
+
+
+def removed_run_name(removed: str) -> str:
+    """The run directory of the fit that leaves ``removed`` (a language, or ``random``) out."""
+    return f"without-{removed}"
+
+
+@dataclass(frozen=True)
+class TestLosses:
+    """One model's loss and correctness on every test example, in test-index order."""
+
+    languages: list[str]
+    test_index: np.ndarray  # (N,) int64
+    lang: np.ndarray  # (N,) language codes
+    loss: np.ndarray  # (N,) float64 cross-entropy
+    correct: np.ndarray  # (N,) bool
+    model_fingerprint: str
+
+
+def write_test_losses(path: str | Path, losses: TestLosses) -> Path:
+    """``.npz`` of plain arrays, written to a temporary name and renamed (a reader never sees half of it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, test_index=losses.test_index.astype(np.int64), lang=losses.lang.astype(np.int64),
+                 languages=np.array(losses.languages, dtype=np.str_), loss=losses.loss.astype(np.float64),
+                 correct=losses.correct.astype(bool), model_fingerprint=np.array(losses.model_fingerprint))
+    os.replace(tmp, path)
+    return path
+
+
+def load_test_losses(path: str | Path) -> TestLosses:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"test_index", "lang", "languages", "loss", "correct", "model_fingerprint"} - set(f.files)
+            if missing:
+                raise CounterfactualError(f"{path}: missing array(s) {sorted(missing)}")
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as err:
+        if isinstance(err, CounterfactualError):
+            raise
+        raise CounterfactualError(f"{path}: not a readable test-loss file ({err})") from None
+    n = arrays["test_index"].shape[0]
+    for key in ("lang", "loss", "correct"):
+        if arrays[key].shape != (n,):
+            raise CounterfactualError(f"{path}: array {key!r} has shape {arrays[key].shape}, expected ({n},)")
+    return TestLosses([str(x) for x in arrays["languages"]], arrays["test_index"], arrays["lang"],
+                      arrays["loss"].astype(np.float64), arrays["correct"].astype(bool),
+                      str(arrays["model_fingerprint"]))
+
+
+def check_same_examples(reference: TestLosses, other: TestLosses, where: str) -> None:
+    """Paired comparisons need the same test examples in the same order, in the same languages."""
+    if reference.languages != other.languages:
+        raise CounterfactualError(f"{where}: languages {other.languages}, the full run has {reference.languages}")
+    if not (np.array_equal(reference.test_index, other.test_index) and np.array_equal(reference.lang, other.lang)):
+        raise CounterfactualError(f"{where}: evaluated on other test examples than the full run "
+                                  f"({other.test_index.size} vs {reference.test_index.size})")
+
+
+def checkpoint_weights(sketched: Sequence[int], rates: Mapping[int, float],
+                       examples_per_step: Mapping[int, float]) -> dict[int, float]:
+    """η/B per sketched checkpoint, summed over the epochs it stands for.
+
+    TracIn reads gradients at checkpoints only; a sketched checkpoint stands for every epoch after the
+    previous sketched one up to its own (the first, from the start of training). With every epoch
+    sketched this is each epoch's own mean rate over its batch size.
+
+    Args:
+        sketched: epochs whose checkpoints were sketched (ascending, distinct).
+        rates: every trained epoch's mean learning rate (from its checkpoint).
+        examples_per_step: every trained epoch's mean examples per optimizer step.
+    """
+    epochs = sorted(rates)
+    if list(sketched) != sorted(set(sketched)) or not sketched:
+        raise CounterfactualError(f"sketched epochs must be ascending and distinct, found {list(sketched)}")
+    missing = [e for e in sketched if e not in rates]
+    if missing:
+        raise CounterfactualError(f"no learning rate recorded for sketched epoch(s) {missing} (epochs with one: {epochs})")
+    weights, start = {}, min(epochs)
+    for epoch in sketched:
+        covered = [e for e in epochs if start <= e <= epoch]
+        weights[epoch] = float(sum(rates[e] / examples_per_step[e] for e in covered))
+        start = epoch + 1
+    return weights
+
+
+def language_mean_gradients(pool: np.ndarray, pool_lang: np.ndarray, n_languages: int, where: str) -> np.ndarray:
+    """(L, d) mean sketch of each language's pooled training examples (NaN rows for a language without any)."""
+    pool = np.asarray(pool, dtype=np.float64)
+    means = np.full((n_languages, pool.shape[1]), np.nan)
+    for code in range(n_languages):
+        rows = pool[pool_lang == code]
+        if rows.size:
+            means[code] = rows.mean(axis=0)
+    return means
+
+
+def removal_prediction(test: np.ndarray, means: np.ndarray, removed_counts: np.ndarray, weight: float) -> np.ndarray:
+    """(N,) first-order change of each test example's loss when the removed examples are not trained on,
+    at one checkpoint: ``weight`` · g_z · Σ_ℓ c_ℓ m_ℓ (``m_ℓ`` language ℓ's mean pool gradient, ``c_ℓ``
+    removed examples of ℓ). Positive: removing them raises the loss (they helped)."""
+    counts = np.asarray(removed_counts, dtype=np.float64)
+    used = counts > 0
+    if np.isnan(means[used]).any():
+        raise CounterfactualError("removed examples of a language that has no sketched pool examples: "
+                                  f"counts {counts.tolist()}")
+    direction = (counts[used, None] * means[used]).sum(axis=0)
+    return weight * (np.asarray(test, dtype=np.float64) @ direction)
+
+
+@dataclass(frozen=True)
+class SeedCounterfactual:
+    """One training seed's per-test-example values, one entry per removed set (languages, then ``random``).
+
+    ``retrained[r]`` is loss without r − loss with everything; ``predicted[r]`` TracIn's estimate of it;
+    ``accuracy[r]`` correct without r − correct with everything (in points)."""
+
+    seed: int
+    languages: list[str]
+    lang: np.ndarray
+    retrained: dict[str, np.ndarray]
+    predicted: dict[str, np.ndarray]
+    accuracy: dict[str, np.ndarray]
+
+    def excess(self, removed: str) -> np.ndarray:
+        """The retraining effect beyond the control's: what *which* examples were removed did."""
+        return self.retrained[removed] - self.retrained[CONTROL]
+
+
+def per_example_effects(full: TestLosses, without: Mapping[str, TestLosses]) -> tuple[dict, dict]:
+    """(Δloss, Δcorrect in points) per removed set, per test example, checked to be the same examples."""
+    losses, accuracy = {}, {}
+    for removed, run in without.items():
+        check_same_examples(full, run, removed_run_name(removed))
+        losses[removed] = run.loss - full.loss
+        accuracy[removed] = 100.0 * (run.correct.astype(np.float64) - full.correct.astype(np.float64))
+    return losses, accuracy
+
+
+@dataclass(frozen=True)
+class CounterfactualMatrix:
+    """Per quantity (``retrained``, ``predicted``, ``excess``, ``accuracy``) and removed set, the pooled
+    effect per test language; ``removed`` lists the languages left out, then ``random``."""
+
+    languages: list[str]
+    removed: list[str]
+    effects: dict[str, dict[str, PooledEffect]]
+
+    def cell(self, quantity: str, test_lang: str, removed: str) -> tuple[float, float, float]:
+        effect = self.effects[quantity][removed]
+        g = effect.groups.index(test_lang)
+        return float(effect.pooled[g]), float(effect.low[g]), float(effect.high[g])
+
+    def grid(self, quantity: str, removed: Sequence[str] | None = None) -> np.ndarray:
+        """(test languages, removed sets) pooled estimates."""
+        removed = list(removed or self.removed)
+        return np.array([[self.cell(quantity, t, r)[0] for r in removed] for t in self.languages])
+
+
+def counterfactual_matrix(seeds: Sequence[SeedCounterfactual], n_resamples: int = 1000) -> CounterfactualMatrix:
+    """Pool every quantity over seeds (one seed: the ordinary stratified bootstrap over test examples)."""
+    if not seeds:
+        raise CounterfactualError("the counterfactual matrix needs at least one seed's results")
+    languages = seeds[0].languages
+    removed = [r for r in seeds[0].retrained if r != CONTROL] + [CONTROL]
+    for s in seeds:
+        if s.languages != languages or sorted(s.retrained) != sorted(removed):
+            raise CounterfactualError(f"seed {s.seed}: languages {s.languages} and removed sets {sorted(s.retrained)} "
+                                      f"differ from seed {seeds[0].seed}'s {languages}, {sorted(removed)}")
+    effects: dict[str, dict[str, PooledEffect]] = {q: {} for q in QUANTITIES}
+    for quantity in QUANTITIES:
+        for r in removed:
+            if quantity == "excess" and r == CONTROL:
+                continue
+
+            def values(s: SeedCounterfactual, r=r, quantity=quantity) -> np.ndarray:
+                return s.excess(r) if quantity == "excess" else getattr(s, quantity)[r]
+
+            samples = [SeedSample(s.seed, values(s), np.asarray(s.lang)) for s in seeds]
+            effects[quantity][r] = pool_seeds(samples, languages, n_resamples, name_seed("counterfactual", quantity, r))
+    return CounterfactualMatrix(list(languages), removed, effects)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far TracIn's prediction and shares say what retraining says, over the L×L language cells.
+
+    Attributes:
+        rank_by_test_language: Spearman ρ, per test language, over the training languages left out.
+        cells: Pearson and Spearman of predicted vs retrained over all cells.
+        sign_agreement: share of cells whose predicted and retrained effects have the same sign.
+        own_largest_retrained / own_largest_predicted / own_largest_share: per test language, whether
+            its own language is the training language whose removal hurts most (retrained, predicted) and
+            whose share of the top-m sets is largest (None without shares).
+        above_control: cells whose excess over the control has an interval above zero, of ``n_cells``.
+    """
+
+    rank_by_test_language: dict[str, float]
+    cells: dict
+    sign_agreement: float
+    own_largest_retrained: dict[str, bool]
+    own_largest_predicted: dict[str, bool]
+    own_largest_share: dict[str, bool] | None
+    above_control: int
+    below_control: int
+    n_cells: int
+
+    def as_dict(self) -> dict:
+        return {
+            "rank_by_test_language": self.rank_by_test_language,
+            "cells": self.cells,
+            "sign_agreement": self.sign_agreement,
+            "own_largest_retrained": self.own_largest_retrained,
+            "own_largest_predicted": self.own_largest_predicted,
+            "own_largest_share": self.own_largest_share,
+            "above_control": self.above_control,
+            "below_control": self.below_control,
+            "n_cells": self.n_cells,
+        }
+
+
+def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = None) -> Agreement:
+    """Agreement numbers of the pooled matrix; ``shares`` is the (test, train) language share matrix of
+    the top-m sets (the report's, positive sign) in ``matrix.languages`` order, or None."""
+    languages = matrix.languages
+    left_out = [r for r in matrix.removed if r != CONTROL]
+    retrained, predicted = matrix.grid("retrained", left_out), matrix.grid("predicted", left_out)
+    ranks = {t: correlate(predicted[i], retrained[i]).spearman_r for i, t in enumerate(languages)}
+    overall = correlate(predicted.ravel(), retrained.ravel())
+    both = np.isfinite(predicted) & np.isfinite(retrained)
+    signs = float(np.mean(np.sign(predicted[both]) == np.sign(retrained[both]))) if both.any() else float("nan")
+
+    def own_largest(grid: np.ndarray, columns: Sequence[str]) -> dict[str, bool]:
+        out = {}
+        for i, t in enumerate(languages):
+            if t in columns and np.isfinite(grid[i]).any():
+                out[t] = bool(columns[int(np.nanargmax(grid[i]))] == t)
+        return out
+
+    above = below = cells = 0
+    for t in languages:
+        for r in left_out:
+            _, low, high = matrix.cell("excess", t, r)
+            cells += 1
+            above += int(low > 0)
+            below += int(high < 0)
+    return Agreement(
+        rank_by_test_language={t: float(v) for t, v in ranks.items()},
+        cells={"pearson_r": overall.pearson_r, "pearson_p": overall.pearson_p,
+               "spearman_r": overall.spearman_r, "spearman_p": overall.spearman_p, "n": overall.n},
+        sign_agreement=signs,
+        own_largest_retrained=own_largest(retrained, left_out),
+        own_largest_predicted=own_largest(predicted, left_out),
+        own_largest_share=None if shares is None else own_largest(np.asarray(shares, dtype=np.float64), languages),
+        above_control=above,
+        below_control=below,
+        n_cells=cells,
+    )
+
+
+CSV_COLUMNS = ["test_lang", "removed", "quantity", "unit", "pooled", "ci_low", "ci_high", "seeds_agree", "n_seeds", "n_test"]
+UNITS = {"retrained": "loss", "predicted": "loss", "excess": "loss", "accuracy": "points"}
+
+
+def matrix_rows(matrix: CounterfactualMatrix) -> list[dict]:
+    """``counterfactual.csv``'s rows: one per quantity × removed set × test language (and ``all``)."""
+    rows = []
+    for quantity, by_removed in matrix.effects.items():
+        for removed, effect in by_removed.items():
+            agree = effect.agree()
+            for g, group in enumerate(effect.groups):
+                rows.append({"test_lang": group, "removed": removed, "quantity": quantity, "unit": UNITS[quantity],
+                             "pooled": float(effect.pooled[g]), "ci_low": float(effect.low[g]),
+                             "ci_high": float(effect.high[g]), "seeds_agree": int(agree[g]),
+                             "n_seeds": len(effect.seeds), "n_test": int(effect.n_examples[:, g].sum())})
+    return rows
+
+
+def describe_agreement(agreement: Agreement, matrix: CounterfactualMatrix) -> str:
+    """The study summary's sentence: what retraining confirms of TracIn's language matrix."""
+    n_seeds = len(next(iter(matrix.effects["retrained"].values())).seeds)
+    own_r = sum(agreement.own_largest_retrained.values())
+    own_p = sum(agreement.own_largest_predicted.values())
+    n = len(agreement.own_largest_retrained)
+    cells = agreement.cells
+    text = (
+        f"Counterfactual check ({n_seeds} seed{'s' if n_seeds > 1 else ''}, one fit per training language left out "
+        f"and a random control): over {agreement.n_cells} test × training-language cells, TracIn's predicted change "
+        f"of test loss correlates with the retrained one at Pearson r = {cells['pearson_r']:.2f}, Spearman "
+        f"ρ = {cells['spearman_r']:.2f}, and has its sign in {100 * agreement.sign_agreement:.0f} % of cells; "
+        f"removing a test language's own training language hurts it most in {own_r} of {n} test languages "
+        f"(retrained) and {own_p} of {n} (predicted)"
+    )
+    if agreement.own_largest_share is not None:
+        text += f", and its own language has the largest top-m share in {sum(agreement.own_largest_share.values())} of {n}"
+    text += (f"; {agreement.above_control} of {agreement.n_cells} cells hurt more than leaving out as many random "
+             f"examples (interval above the control), {agreement.below_control} less.")
+    return text

@@ -1,0 +1,268 @@
+"""``crossling analyze --stages counterfactual``: does influence predict what removing a language does?
+
+Reads the analysed (fully fine-tuned) run's checkpoints, its ``sketches/epoch=<E>/full/`` and
+``influence/full/contributions.csv``, and beside it the fits that leave one training language out
+(``without-<lang>/``) and the random control (``without-random/``), each made with ``crossling fit
+--data.init_args.leave_out <lang|random>`` from the same config. Writes ``<run>/counterfactual/``:
+``losses/<run>.npz`` (every test example's loss per model, kept so a stopped stage resumes),
+``effects.npz`` (per-example retrained and predicted changes: what the study pools over seeds),
+``counterfactual.csv``, ``counterfactual.json`` (agreement numbers), two figures. Every file is
+written to a temporary name and renamed. The numbers are ``analysis/counterfactual.py``'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from analysis.contributions import positions_of
+from analysis.counterfactual import (
+    CONTROL,
+    CounterfactualError,
+    SeedCounterfactual,
+    TestLosses,
+    checkpoint_weights,
+    language_mean_gradients,
+    load_test_losses,
+    per_example_effects,
+    removal_prediction,
+    removed_run_name,
+    write_test_losses,
+)
+from analysis.counterfactual_report import (
+    EFFECTS_FILE,
+    positive_shares,
+    write_counterfactual_outputs,
+    write_effects,
+)
+from analysis.sketch_store import check_compatible, list_epochs, read_sketch
+from callbacks.checkpoints import (
+    CheckpointError,
+    fingerprint,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+)
+from datamodules.base import leave_out_indices
+
+from ..optim import schedule_factor
+from .request import AnalyzeRequest
+
+OUT = "counterfactual"
+# keys a leave-out fit may differ in from the run it is compared with
+FREE_KEYS = {("trainer", "default_root_dir"), ("data", "init_args", "leave_out"), ("ckpt_path",)}
+
+
+@dataclass
+class CounterfactualOptions:
+    """The counterfactual check.
+
+    Args:
+        retrained: folder holding the leave-out fits ``without-<lang>/`` and ``without-random/`` (None:
+            beside the analysed run, as ``crossling study`` puts them).
+        languages: training languages left out, one fit each (None: every language of the run).
+        condition: the sketch mask whose sketches give TracIn's prediction (the full model's: ``full``).
+        bootstrap_resamples: resamples of the intervals over test examples.
+    """
+
+    retrained: str | None = None
+    languages: list[str] | None = None
+    condition: str = "full"
+    bootstrap_resamples: int = 1000
+
+
+def run_counterfactual_stage(request: AnalyzeRequest) -> Path | None:
+    r = request
+    trainer = r.trainer
+    out = None
+    if trainer.is_global_zero:  # a few forward passes and numpy: one process does it
+        out = check_counterfactual(r.model, r.datamodule, r.run_dir, r.counterfactual)
+    trainer.strategy.barrier()
+    return out
+
+
+def leave_out_plan(datamodule, options: CounterfactualOptions) -> list[str]:
+    """The removed sets, in order: the languages to leave out, then the random control."""
+    languages = list(datamodule.languages)
+    chosen = list(options.languages) if options.languages is not None else languages
+    unknown = [lang for lang in chosen if lang not in languages]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise CounterfactualError(f"counterfactual.languages: expected distinct training languages of this run "
+                                  f"({languages}), found {chosen}")
+    return [*chosen, CONTROL]
+
+
+def _flatten(config: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, (*prefix, key)))
+        else:
+            flat[(*prefix, key)] = value
+    return flat
+
+
+def _read_config(run: Path) -> dict:
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise CounterfactualError(f"{path}: not found; the counterfactual check compares fits made by crossling fit")
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def check_leave_out_run(full_run: Path, run: Path, removed: str) -> None:
+    """The leave-out fit must be the analysed run's config with only ``leave_out`` (and its folder) changed."""
+    reference, other = _flatten(_read_config(full_run)), _flatten(_read_config(run))
+    found = other.get(("data", "init_args", "leave_out"))
+    if found != removed:
+        raise CounterfactualError(f"{run / 'config.yaml'}: data.init_args.leave_out is {found!r}, expected {removed!r}")
+    for key in sorted(set(reference) | set(other), key=str):
+        if key in FREE_KEYS:
+            continue
+        if reference.get(key) != other.get(key):
+            raise CounterfactualError(
+                f"{run / 'config.yaml'}: {'.'.join(key)} is {other.get(key)!r} there but {reference.get(key)!r} in "
+                f"{full_run / 'config.yaml'}; a leave-out fit must repeat the analysed run's config (fit it again)")
+
+
+def final_checkpoint(run: Path, removed: str | None) -> Path:
+    checkpoints = list_checkpoints(run)
+    if not checkpoints:
+        hint = (f" (fit it: crossling fit --config <the full run's config> --trainer.default_root_dir {run} "
+                f"--data.init_args.leave_out {removed})" if removed else "")
+        raise CheckpointError(f"{run / 'checkpoints'}: no epoch=<E>.ckpt files{hint}")
+    return checkpoints[-1][1]
+
+
+@torch.no_grad()
+def evaluate_test_losses(module, datamodule, checkpoint: Path) -> TestLosses:
+    """Every test example's cross-entropy and correctness under ``checkpoint`` (float32, no masks)."""
+    load_weights(module, checkpoint)
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    parts: dict[str, list[np.ndarray]] = {"indices": [], "langs": [], "loss": [], "correct": []}
+    for batch in datamodule.eval_dataloader("test", shard=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = module(batch["input_ids"], batch["attention_mask"], None).float()
+        parts["loss"].append(F.cross_entropy(logits, batch["labels"], reduction="none").double().cpu().numpy())
+        parts["correct"].append((logits.argmax(-1) == batch["labels"]).cpu().numpy())
+        parts["indices"].append(batch["indices"].cpu().numpy())
+        parts["langs"].append(batch["langs"].cpu().numpy())
+    module.train(was_training)
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    order = np.argsort(arrays["indices"], kind="stable")
+    return TestLosses(list(datamodule.languages), arrays["indices"][order], arrays["langs"][order],
+                      arrays["loss"][order], arrays["correct"][order].astype(bool), fingerprint(checkpoint))
+
+
+def cached_test_losses(module, datamodule, checkpoint: Path, path: Path) -> TestLosses:
+    """The test losses of ``checkpoint``, read from ``path`` when it holds this checkpoint's, else evaluated."""
+    if path.is_file():
+        losses = load_test_losses(path)
+        if losses.model_fingerprint == fingerprint(checkpoint) and losses.languages == list(datamodule.languages):
+            return losses
+    print(f"  counterfactual: test losses of {checkpoint}", flush=True)
+    losses = evaluate_test_losses(module, datamodule, checkpoint)
+    write_test_losses(path, losses)
+    return losses
+
+
+def learning_rates(run: Path, n_train: int) -> tuple[dict[int, float], dict[int, float]]:
+    """Every epoch's mean learning rate and examples per optimizer step, from the run's checkpoints; a
+    checkpoint written before crossling recorded them gets them from the schedule (``reconstruct_rates``)."""
+    checkpoints = list_checkpoints(run)
+    metas = {epoch: load_checkpoint(path)["crossling"] for epoch, path in checkpoints}
+    if all(m.get("learning_rate") is not None and m.get("examples_per_step") for m in metas.values()):
+        return ({e: float(m["learning_rate"]) for e, m in metas.items()},
+                {e: float(m["examples_per_step"]) for e, m in metas.items()})
+    return reconstruct_rates(run, metas, n_train)
+
+
+def reconstruct_rates(run: Path, metas: dict[int, dict], n_train: int) -> tuple[dict[int, float], dict[int, float]]:
+    """The rates the run's optimizer used, from its config (peak rate, warm-up, schedule, epochs) and the
+    checkpoints' step counts: the same schedule ``configure_adamw`` gave it, evaluated step by step."""
+    config = _read_config(run)
+    hp, epochs = config.get("model") or {}, (config.get("trainer") or {}).get("max_epochs")
+    steps = {e: m.get("global_step") for e, m in metas.items()}
+    first = min(steps)
+    if first != 0 or not epochs or not all(isinstance(v, int) and v > 0 for v in steps.values()) \
+            or "learning_rate" not in hp:
+        raise CheckpointError(f"{run / 'checkpoints'}: no learning rate recorded and none to reconstruct (needs "
+                              "model.learning_rate and trainer.max_epochs in config.yaml and each checkpoint's "
+                              "global_step); fit the run again to predict what removing training data does")
+    per_epoch = steps[0]
+    total = per_epoch * int(epochs)
+    rates, per_step = {}, {}
+    for epoch in steps:
+        window = range(epoch * per_epoch, (epoch + 1) * per_epoch)
+        rates[epoch] = float(hp["learning_rate"]) * float(np.mean(
+            [schedule_factor(s, total, float(hp.get("warmup_ratio", 0.0)), hp.get("schedule", "linear")) for s in window]))
+        per_step[epoch] = n_train / per_epoch
+    return rates, per_step
+
+
+def predicted_effects(run_dir: Path, datamodule, condition: str, removed: list[str],
+                      test_index: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+    """TracIn's predicted change of each test example's loss per removed set, from the run's sketches."""
+    languages = list(datamodule.languages)
+    epochs = [e for e in list_epochs(run_dir) if (run_dir / "sketches" / f"epoch={e}" / condition / "train.npy").is_file()]
+    if not epochs:
+        raise CounterfactualError(f"{run_dir / 'sketches'}: no finished {condition!r} sketches (run the sketch stage "
+                                  f"with condition {condition})")
+    rates, per_step = learning_rates(run_dir, len(datamodule.training_examples()))
+    weights = checkpoint_weights(epochs, rates, per_step)
+    examples = datamodule.dataset("train").examples
+    train_lang = np.array([e.lang for e in examples], dtype=np.int64)
+    counts = {}
+    for r in removed:
+        left = leave_out_indices(examples, languages, r, datamodule.seed)
+        counts[r] = np.bincount(train_lang[left], minlength=len(languages))
+    predicted = {r: np.zeros(test_index.size) for r in removed}
+    for epoch in epochs:
+        train, test = (read_sketch(run_dir, epoch, condition, split) for split in ("train", "test"))
+        check_compatible([(train.sidecar, train.meta), (test.sidecar, test.meta)], same_model=True)
+        codes = np.array([languages.index(x) for x in train.langs], dtype=np.int64)
+        means = language_mean_gradients(np.asarray(train.data), codes, len(languages), str(train.npy))
+        rows = np.asarray(test.data)[positions_of(test.indices, test_index)]
+        for r in removed:
+            predicted[r] += removal_prediction(rows, means, counts[r], weights[epoch])
+    record = {"epochs": epochs, "weights": {str(e): w for e, w in weights.items()},
+              "learning_rates": {str(e): v for e, v in rates.items()},
+              "examples_per_step": {str(e): v for e, v in per_step.items()},
+              "removed_counts": {r: c.tolist() for r, c in counts.items()}}
+    return predicted, record
+
+
+def check_counterfactual(module, datamodule, run_dir: Path, options: CounterfactualOptions) -> Path:
+    """Retrained vs predicted effect of leaving out each training language; returns ``<run>/counterfactual``."""
+    run_dir = Path(run_dir)
+    out = run_dir / OUT
+    removed = leave_out_plan(datamodule, options)
+    retrained_dir = Path(options.retrained).expanduser().resolve() if options.retrained else run_dir.parent
+    runs = {r: retrained_dir / removed_run_name(r) for r in removed}
+    checkpoints = {r: final_checkpoint(run, r) for r, run in runs.items()}  # every fit present before any work
+    for r, run in runs.items():
+        check_leave_out_run(run_dir, run, r)
+    # the prediction first: it needs only the analysis's files, which may be missing
+    test_index = np.sort(np.array([e.index for e in datamodule.dataset("test").examples], dtype=np.int64))
+    predicted, record = predicted_effects(run_dir, datamodule, options.condition, removed, test_index)
+    full = cached_test_losses(module, datamodule, final_checkpoint(run_dir, None), out / "losses" / "full.npz")
+    without = {r: cached_test_losses(module, datamodule, checkpoints[r], out / "losses" / f"{removed_run_name(r)}.npz")
+               for r in removed}
+    retrained, accuracy = per_example_effects(full, without)
+    if not np.array_equal(full.test_index, test_index):
+        raise CounterfactualError(f"{out / 'losses' / 'full.npz'}: holds other test examples than the data module's")
+    seed = SeedCounterfactual(int(_read_config(run_dir).get("seed_everything") or 0), full.languages, full.lang,
+                              retrained, predicted, accuracy)
+    write_effects(out / EFFECTS_FILE, seed)
+    shares = positive_shares(run_dir, full.languages, options.condition)
+    summary = write_counterfactual_outputs(out, [seed], shares, options.bootstrap_resamples,
+                                           {"prediction": record, "runs": {r: str(p) for r, p in runs.items()}},
+                                           f"Leaving a training language out: TracIn vs retraining ({run_dir.name})")
+    print(f"counterfactual: {summary['sentence']} -> {out}", flush=True)
+    return out

@@ -1,0 +1,350 @@
+"""The counterfactual check: leave-out fits train on exactly what they say, checkpoints record the
+learning rates TracIn weighs by, the predicted change of loss from sketches equals the one from exact
+per-example gradients, and the retrained change equals the test losses of the fits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import lightning_modules  # noqa: F401  (registers the tiny-random tokenizer)
+from analysis.counterfactual import (
+    CONTROL,
+    CounterfactualError,
+    SeedCounterfactual,
+    checkpoint_weights,
+    counterfactual_matrix,
+    load_test_losses,
+    measure_agreement,
+)
+from callbacks.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
+from datamodules import DataError
+from tests.helpers import REPO, small_pawsx_datamodule
+
+LANGS = ["en", "de", "ko"]
+LEFT_OUT = ["en", "de"]
+
+
+# -- the data a leave-out fit trains on -----------------------------------------------------------
+
+
+def epoch_indices(dm) -> list[int]:
+    return sorted(int(i) for batch in dm.train_dataloader() for i in batch["indices"])
+
+
+def test_leaving_out_a_language_trains_on_every_other_example_with_the_same_indices():
+    full = small_pawsx_datamodule(languages=LANGS)
+    without = small_pawsx_datamodule(languages=LANGS, leave_out="de")
+    full_train = {e.index: e.lang for e in full.dataset("train").examples}
+    # the split itself (what TracIn's indices refer to) is the same
+    assert [(e.index, e.record.id) for e in without.dataset("train").examples] == \
+        [(e.index, e.record.id) for e in full.dataset("train").examples]
+    de = LANGS.index("de")
+    expected = sorted(i for i, lang in full_train.items() if lang != de)
+    assert epoch_indices(without) == expected
+    assert sorted(without.left_out_indices().tolist()) == sorted(i for i, lang in full_train.items() if lang == de)
+    assert epoch_indices(full) == sorted(full_train)
+
+
+def test_random_control_leaves_out_one_language_worth_from_every_language_seeded_by_name():
+    dm = small_pawsx_datamodule(languages=LANGS, leave_out=CONTROL)
+    left = dm.left_out_indices()
+    n = len(dm.dataset("train"))
+    assert left.size == n // len(LANGS) and np.unique(left).size == left.size
+    langs = {e.index: e.lang for e in dm.dataset("train").examples}
+    assert len({langs[int(i)] for i in left}) > 1  # spread over languages, not one of them
+    assert set(epoch_indices(dm)) == set(langs) - set(left.tolist())
+    # the global RNGs do not move it; the data seed does
+    np.random.seed(123)
+    torch.manual_seed(123)
+    assert np.array_equal(small_pawsx_datamodule(languages=LANGS, leave_out=CONTROL).left_out_indices(), left)
+    other = small_pawsx_datamodule(languages=LANGS, leave_out=CONTROL, seed=4).left_out_indices()
+    assert not np.array_equal(other, left)
+
+
+def test_leaving_out_a_language_the_run_does_not_train_on_is_one_clear_error():
+    with pytest.raises(DataError, match=r"data.init_args.leave_out: 'fr' is not a training language .*'en', 'de', 'ko'"):
+        small_pawsx_datamodule(languages=LANGS, leave_out="fr")
+
+
+# -- learning rates in checkpoints ----------------------------------------------------------------
+
+
+def fit_tiny(run: Path, *extra: str) -> None:
+    from lightning_modules.cli import run_cli
+
+    run_cli([
+        "fit", "--config", str(REPO / "configs/demo/pawsx-full.yaml"), "--model.backbone=tiny-random",
+        f"--trainer.default_root_dir={run}", "--data.init_args.languages=[en, de, ko]",
+        "--data.init_args.train_per_language=20", "--data.init_args.dev_per_language=8",
+        "--data.init_args.test_per_language=8", "--data.init_args.batch_size=6", "--trainer.max_epochs=3",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra,
+    ])
+
+
+def schedule_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to the peak over ``warmup`` steps, then linear decay to zero at ``total`` (README)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def test_checkpoints_record_each_epochs_mean_learning_rate_and_batch(tmp_path):
+    fit_tiny(tmp_path / "run", "--model.learning_rate=0.002", "--model.warmup_ratio=0.25")
+    steps_per_epoch = -(-60 // 6)  # 60 training examples in batches of 6
+    total = 3 * steps_per_epoch
+    warmup = int(0.25 * total)
+    checkpoints = list_checkpoints(tmp_path / "run")
+    assert [e for e, _ in checkpoints] == [0, 1, 2]
+    for epoch, path in checkpoints:
+        meta = load_checkpoint(path)["crossling"]
+        steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        expected = 0.002 * np.mean([schedule_factor(s, total, warmup) for s in steps])
+        assert meta["optimizer_steps"] == steps_per_epoch
+        assert meta["learning_rate"] == pytest.approx(expected, rel=1e-9)
+        assert meta["examples_per_step"] == pytest.approx(6.0)
+    # checkpoints of an older crossling, without the record: the schedule gives the same rates
+    from lightning_modules.stages.counterfactual import reconstruct_rates
+
+    metas = {e: {k: v for k, v in load_checkpoint(p)["crossling"].items() if k != "learning_rate"}
+             for e, p in checkpoints}
+    rates, per_step = reconstruct_rates(tmp_path / "run", metas, n_train=60)
+    for epoch, path in checkpoints:
+        meta = load_checkpoint(path)["crossling"]
+        assert rates[epoch] == pytest.approx(meta["learning_rate"], rel=1e-12)
+        assert per_step[epoch] == pytest.approx(meta["examples_per_step"])
+
+
+def test_a_sketched_checkpoint_weighs_the_epochs_it_stands_for():
+    rates, per_step = {0: 0.3, 1: 0.2, 2: 0.1}, {0: 10.0, 1: 10.0, 2: 5.0}
+    assert checkpoint_weights([0, 1, 2], rates, per_step) == pytest.approx({0: 0.03, 1: 0.02, 2: 0.02})
+    assert checkpoint_weights([2], rates, per_step) == pytest.approx({2: 0.03 + 0.02 + 0.02})
+    assert checkpoint_weights([0, 2], rates, per_step) == pytest.approx({0: 0.03, 2: 0.04})
+    with pytest.raises(CounterfactualError, match="no learning rate recorded for sketched epoch"):
+        checkpoint_weights([3], rates, per_step)
+
+
+# -- the pooled matrix and its agreement numbers on synthetic effects -------------------------------
+
+
+def synthetic_seed(seed: int, own: float, n: int = 60) -> SeedCounterfactual:
+    rng = np.random.default_rng(seed)
+    lang = np.repeat(np.arange(len(LANGS)), n)
+    retrained, predicted, accuracy = {}, {}, {}
+    for removed in [*LANGS, CONTROL]:
+        effect = np.where(lang == LANGS.index(removed), own, 0.0) if removed != CONTROL else np.zeros(lang.size)
+        retrained[removed] = effect + 0.02 + rng.normal(0, 0.05, lang.size)  # the control: fewer examples hurt a bit
+        predicted[removed] = 0.5 * effect + rng.normal(0, 0.01, lang.size)
+        accuracy[removed] = -100.0 * (rng.random(lang.size) < 0.1)
+    return SeedCounterfactual(seed, LANGS, lang, retrained, predicted, accuracy)
+
+
+def test_an_own_language_effect_above_the_control_is_found_and_agreed_on():
+    matrix = counterfactual_matrix([synthetic_seed(s, own=0.4) for s in range(3)], n_resamples=300)
+    agreement = measure_agreement(matrix, shares=np.eye(3) * 50 + 10)
+    assert agreement.own_largest_retrained == {lang: True for lang in LANGS}
+    assert agreement.own_largest_predicted == {lang: True for lang in LANGS}
+    assert agreement.own_largest_share == {lang: True for lang in LANGS}
+    assert agreement.above_control == 3 and agreement.n_cells == 9
+    assert agreement.cells["pearson_r"] > 0.9 and agreement.sign_agreement >= 3 / 9
+    value, low, high = matrix.cell("excess", "de", "de")
+    assert low > 0.3 and value == pytest.approx(0.4, abs=0.05)
+
+
+def test_no_language_effect_is_not_called_above_the_control():
+    matrix = counterfactual_matrix([synthetic_seed(s, own=0.0) for s in range(3)], n_resamples=300)
+    agreement = measure_agreement(matrix)
+    assert agreement.above_control <= 1  # nine cells at 95 %: at most a chance one
+    assert agreement.own_largest_share is None
+
+
+# -- the stage on a tiny study ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """Full fine-tuning, its analysis (exact per-example gradients as the sketch), the leave-out fits
+    and the counterfactual check, through the study runner."""
+    from lightning_modules.study import load_study_config, plan_stages, run_study
+
+    tmp = tmp_path_factory.mktemp("counterfactual")
+    analyze = yaml.safe_load((REPO / "configs/demo/pawsx-analyze.yaml").read_text())
+    analyze["sketch"] = {"kind": "exact"}
+    analyze["influence"].update(m=6, bootstrap_resamples=50, train_per_language=10, epochs=[1])
+    analyze["fidelity"] = {"n_test": 6, "n_train": 12}
+    (tmp / "analyze.yaml").write_text(yaml.safe_dump(analyze))
+    root = tmp / "study"
+    config = {
+        "root": str(root), "full": str(REPO / "configs/demo/pawsx-full.yaml"),
+        "subnetworks": str(REPO / "configs/demo/pawsx-subnetworks.yaml"),
+        "sft": str(REPO / "configs/demo/pawsx-sft.yaml"), "analyze": str(tmp / "analyze.yaml"),
+        "random_seeds": [0], "natural_conditions": ["full"], "fidelity_seeds": [0], "seeds": [0],
+        "counterfactual": LEFT_OUT,
+        "overrides": ["--model.backbone=tiny-random", "--data.init_args.languages=[en, de, ko]",
+                      "--data.init_args.train_per_language=30", "--data.init_args.dev_per_language=8",
+                      "--data.init_args.test_per_language=12", "--data.init_args.batch_size=8",
+                      "--data.init_args.eval_batch_size=16", "--trainer.max_epochs=2",
+                      "--trainer.enable_progress_bar=false"],
+    }
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cfg, base = load_study_config(path)
+    wanted = ["full", "natural-analysis", "without-en", "without-de", "without-random", "counterfactual-analysis"]
+    assert set(wanted) <= {s.name for s in plan_stages(cfg, base)}
+    run_study(str(path), only=wanted)
+    return root, path
+
+
+def exact_gradient(module, example, layer_names) -> torch.Tensor:
+    """One example's loss gradient over the sketched layers (weight row-major, then bias), by autograd."""
+    module.zero_grad()
+    ids = torch.tensor([example.input_ids])
+    logits = module(ids, torch.ones_like(ids), None)
+    F.cross_entropy(logits, torch.tensor([example.record.label])).backward()
+    modules = dict(module.model.named_modules())
+    return torch.cat([torch.cat([modules[n].weight.grad.reshape(-1), modules[n].bias.grad]) for n in layer_names])
+
+
+def test_prediction_from_sketches_equals_exact_gradient_reference(tiny_study):
+    from callbacks.checkpoints import load_weights
+    from callbacks.sketching import SketchOptions, get_sketcher
+    from datamodules import PAWSXDataModule
+    from lightning_modules.classifier import SequenceClassifier
+
+    root, _ = tiny_study
+    full = root / "full"
+    data = PAWSXDataModule(languages=LANGS, train_per_language=30, test_per_language=12, backbone="tiny-random")
+    hparams = load_checkpoint(list_checkpoints(full)[-1][1])["crossling"]["hparams"]
+    module = SequenceClassifier(**hparams).double()  # float64: the reference's rounding stays far below the test's
+    names = get_sketcher(module.model, SketchOptions(kind="exact")).names
+    effects = np.load(full / "counterfactual" / "effects.npz")
+    pool = json.loads((full / "sketches" / "epoch=1" / "full" / "train.json").read_text())["indices"]
+    train = {e.index: e for e in data.dataset("train").examples}
+    test = data.dataset("test").examples
+    # epoch 1 is the only sketched checkpoint: it stands for both epochs (rates from the checkpoints)
+    metas = [load_checkpoint(p)["crossling"] for _, p in list_checkpoints(full)]
+    weight = sum(m["learning_rate"] / m["examples_per_step"] for m in metas)
+    load_weights(module, list_checkpoints(full)[1][1])
+    module.double().eval()
+    pool_grads = {i: exact_gradient(module, train[i], names) for i in pool}
+    left_random = small_pawsx_datamodule(languages=LANGS, train_per_language=30, seed=0, leave_out=CONTROL)
+    for removed in [*LEFT_OUT, CONTROL]:
+        if removed == CONTROL:
+            left = left_random.left_out_indices()
+        else:
+            left = [i for i, e in train.items() if e.lang == LANGS.index(removed)]
+        # each language's removed count times its pool's mean gradient
+        direction = torch.zeros_like(next(iter(pool_grads.values())))
+        for code in range(len(LANGS)):
+            count = sum(1 for i in left if train[int(i)].lang == code)
+            rows = [pool_grads[i] for i in pool if train[i].lang == code]
+            if count:
+                direction += count * torch.stack(rows).mean(0)
+        expected = [weight * float(exact_gradient(module, z, names) @ direction) for z in test]
+        scale = max(abs(v) for v in expected)
+        assert scale > 0
+        np.testing.assert_allclose(effects[f"predicted_{removed}"], expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_retrained_effect_is_the_leave_out_fits_loss_minus_the_full_runs(tiny_study):
+    root, _ = tiny_study
+    out = root / "full" / "counterfactual"
+    full = load_test_losses(out / "losses" / "full.npz")
+    effects = np.load(out / "effects.npz")
+    assert [str(x) for x in effects["removed"]] == [*LEFT_OUT, CONTROL]
+    for removed in [*LEFT_OUT, CONTROL]:
+        run = load_test_losses(out / "losses" / f"without-{removed}.npz")
+        np.testing.assert_allclose(effects[f"retrained_{removed}"], run.loss - full.loss)
+        config = yaml.safe_load((root / f"without-{removed}" / "config.yaml").read_text())
+        assert config["data"]["init_args"]["leave_out"] == removed
+    # the fits differ: a model trained without a language is another model
+    assert not np.allclose(effects["retrained_en"], 0)
+    summary = json.loads((out / "counterfactual.json").read_text())
+    assert summary["n_cells"] == len(LANGS) * len(LEFT_OUT) and "Counterfactual check" in summary["sentence"]
+    assert summary["prediction"]["epochs"] == [1]
+    for figure in ("predicted_vs_retrained.png", "counterfactual_matrices.png"):
+        assert (out / figure).stat().st_size > 10_000
+
+
+def stage_command(root: Path, new_root: Path | None = None) -> list[str]:
+    """The counterfactual stage's ``crossling`` arguments as the study ran them (optionally moved)."""
+    command = json.loads((root / ".study" / "counterfactual-analysis.json").read_text())["command"]
+    return [a.replace(str(root), str(new_root)) for a in command] if new_root else command
+
+
+def test_a_stopped_check_resumes_from_its_test_losses_to_the_same_numbers(tiny_study):
+    from lightning_modules.cli import run_cli
+
+    root, _ = tiny_study
+    out = root / "full" / "counterfactual"
+    csv = (out / "counterfactual.csv").read_bytes()
+    # stopped after evaluating three models, before the fourth and the tables
+    for name in ("losses/without-random.npz", "counterfactual.csv", "counterfactual.json", "effects.npz"):
+        (out / name).unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "losses").iterdir()}
+    run_cli(stage_command(root))
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "losses").iterdir() if p.name in kept} == kept
+    assert (out / "losses" / "without-random.npz").is_file()
+    assert (out / "counterfactual.csv").read_bytes() == csv
+    assert not list(out.rglob("*.tmp*"))
+
+
+def test_a_leave_out_fit_from_another_config_or_missing_is_refused(tiny_study, tmp_path):
+    from lightning_modules.cli import run_cli
+
+    root, _ = tiny_study
+    copy = tmp_path / "study"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("sketches"))
+    shutil.copytree(root / "full" / "sketches", copy / "full" / "sketches")
+    config = copy / "without-de" / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["learning_rate"] = 0.5
+    config.write_text(yaml.safe_dump(raw))
+    command = stage_command(root, copy)
+    with pytest.raises(CounterfactualError, match=r"without-de/config.yaml: model.learning_rate is 0.5 there"):
+        run_cli(command)
+    shutil.rmtree(copy / "without-de" / "checkpoints")
+    with pytest.raises(CheckpointError, match=r"without-de/checkpoints: no epoch=<E>.ckpt files .*leave_out de"):
+        run_cli(command)
+
+
+# -- the study's plan ---------------------------------------------------------------------------------
+
+
+def plan_names(tmp_path: Path, **keys) -> list[str]:
+    from lightning_modules.study import load_study_config, plan_stages
+
+    config = {"root": str(tmp_path / "study"), "full": str(REPO / "configs/demo/pawsx-full.yaml"),
+              "subnetworks": str(REPO / "configs/demo/pawsx-subnetworks.yaml"),
+              "sft": str(REPO / "configs/demo/pawsx-sft.yaml"), "analyze": str(REPO / "configs/demo/pawsx-analyze.yaml"),
+              "random_seeds": [0]} | keys
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cfg, base = load_study_config(path)
+    return [s.name for s in plan_stages(cfg, base)]
+
+
+def test_the_study_plans_one_fit_per_language_left_out_and_the_control_on_the_chosen_seeds(tmp_path):
+    assert not any("without" in n for n in plan_names(tmp_path))
+    names = plan_names(tmp_path, seeds=[0, 1], counterfactual=["en", "de"], counterfactual_seeds=[1])
+    assert [n for n in names if "without" in n or "counterfactual" in n] == [
+        "seed1-without-en", "seed1-without-de", "seed1-without-random", "seed1-counterfactual-analysis"]
+    assert names[-1] == "report"
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"counterfactual": []}, "key 'counterfactual': expected a non-empty list"),
+    ({"counterfactual": ["en", "en"]}, "key 'counterfactual': expected a non-empty list of distinct"),
+    ({"counterfactual": ["random"]}, "the random control is added by itself"),
+    ({"counterfactual": ["en"], "counterfactual_seeds": [5]}, r"key 'counterfactual_seeds': .*study's seeds \[0\]"),
+])
+def test_a_bad_counterfactual_list_is_one_line_naming_the_key(tmp_path, keys, message):
+    with pytest.raises(ValueError, match=message):
+        plan_names(tmp_path, **keys)
