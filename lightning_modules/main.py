@@ -12,6 +12,7 @@ import sys
 import threading
 import warnings
 
+from analysis.counterfactual import CounterfactualError
 from analysis.influence import InfluenceError
 from analysis.masks import MaskError
 from analysis.projection_error import ProjectionErrorFileError
@@ -25,7 +26,7 @@ from .e5_file import E5FileError
 
 USER_ERRORS = (
     DataError, CheckpointError, MaskError, SketchError, InfluenceError, FidelityError, ProjectionErrorFileError,
-    FileNotFoundError, E5FileError,
+    FileNotFoundError, E5FileError, CounterfactualError,
 )
 
 

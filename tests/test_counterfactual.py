@@ -296,8 +296,9 @@ def test_a_stopped_check_resumes_from_its_test_losses_to_the_same_numbers(tiny_s
     assert not list(out.rglob("*.tmp*"))
 
 
-def test_a_leave_out_fit_from_another_config_or_missing_is_refused(tiny_study, tmp_path):
+def test_a_leave_out_fit_from_another_config_or_missing_is_refused(tiny_study, tmp_path, capsys):
     from lightning_modules.cli import run_cli
+    from lightning_modules.main import main
 
     root, _ = tiny_study
     copy = tmp_path / "study"
@@ -310,6 +311,11 @@ def test_a_leave_out_fit_from_another_config_or_missing_is_refused(tiny_study, t
     command = stage_command(root, copy)
     with pytest.raises(CounterfactualError, match=r"without-de/config.yaml: model.learning_rate is 0.5 there"):
         run_cli(command)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(command)  # the command a user types: one line, exit status 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith("crossling: error: ") and "model.learning_rate" in err[-1]
     shutil.rmtree(copy / "without-de" / "checkpoints")
     with pytest.raises(CheckpointError, match=r"without-de/checkpoints: no epoch=<E>.ckpt files .*leave_out de"):
         run_cli(command)
