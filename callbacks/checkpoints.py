@@ -1,5 +1,7 @@
 """Per-epoch, weights-only checkpoints (``checkpoints/epoch=<E>.ckpt``), the input of every
-later stage, plus ``last.ckpt`` (full trainer state) so an interrupted fit can resume.
+later stage, plus ``last.ckpt`` (full trainer state) so an interrupted fit can resume. A fit that ends
+removes ``last.ckpt`` (two thirds of a run's checkpoint bytes are its optimizer state, which nothing
+after the fit reads) unless asked to keep it.
 
 Files are written to a temporary name and renamed, so a killed run never leaves a
 half-written checkpoint that a later stage would trust.
@@ -38,8 +40,9 @@ class EpochCheckpoint(pl.Callback):
     them into a predicted change of loss (``analysis/counterfactual.py``).
     """
 
-    def __init__(self, save_last: bool = True):
+    def __init__(self, save_last: bool = True, keep_last: bool = False):
         self.save_last = save_last
+        self.keep_last = keep_last
         self._rates: list[float] = []
         self._examples = 0
 
@@ -81,6 +84,11 @@ class EpochCheckpoint(pl.Callback):
             if trainer.is_global_zero:
                 os.replace(tmp, directory / "last.ckpt")
         trainer.strategy.barrier()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # reached only when the fit ended (not when it was stopped): the resume state has served
+        if self.save_last and not self.keep_last and trainer.is_global_zero:
+            (Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

@@ -60,6 +60,8 @@ class CrosslingTrainer(Trainer):
         wandb: also log to Weights & Biases.
         wandb_project: the W&B project.
         wandb_mode: ``offline`` (no network; sync later with ``wandb sync``) or ``online``.
+        keep_last_checkpoint: keep ``checkpoints/last.ckpt`` (weights and optimizer state) after the fit
+            ends, to train on later with ``--ckpt_path``; by default only an unfinished fit keeps it.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class CrosslingTrainer(Trainer):
         wandb: bool = False,
         wandb_project: str = "crossling",
         wandb_mode: Literal["offline", "online"] = "offline",
+        keep_last_checkpoint: bool = False,
         **kwargs,
     ):
         # crossling's own samplers shard by rank; its EpochCheckpoint replaces ModelCheckpoint
@@ -87,7 +90,7 @@ class CrosslingTrainer(Trainer):
             kwargs["logger"] = loggers
         callbacks = list(kwargs.get("callbacks") or [])
         if not any(isinstance(c, EpochCheckpoint) for c in callbacks):
-            callbacks.append(EpochCheckpoint())
+            callbacks.append(EpochCheckpoint(keep_last=keep_last_checkpoint))
         kwargs["callbacks"] = callbacks
         super().__init__(*args, **kwargs)
 

@@ -12,22 +12,47 @@ import sys
 import threading
 import warnings
 
-from analysis.counterfactual import CounterfactualError
-from analysis.influence import InfluenceError
-from analysis.masks import MaskError
-from analysis.projection_error import ProjectionErrorFileError
-from analysis.sketch_store import SketchError
-from callbacks.checkpoints import CheckpointError
-from callbacks.fidelity_sample import FidelityError
-from datamodules import DataError
+# Only the standard library at the top: ``crossling --help`` must answer without importing torch and
+# Lightning (several seconds); each command imports what it needs when it runs.
 
-from .cli import run_cli
-from .e5_file import E5FileError
+COMMANDS = {
+    "study": "run the whole study from one config, resumable stage by stage (--list: the plan)",
+    "fit": "fine-tune fully, or sparsely with --model.subnetworks DIR; a checkpoint per epoch",
+    "subnetworks": "find each language's subnetwork by head-importance pruning of a checkpoint",
+    "analyze": "TracIn of a run: --stages [sketch, influence, fidelity, report, counterfactual]",
+    "report": "rebuild a study's front page and summary from its files (--config or the root)",
+    "validate": "a checkpoint's accuracy per language on dev (--ckpt_path)",
+    "test": "a checkpoint's accuracy per language on test (--ckpt_path)",
+    "predict": "Lightning's prediction loop, which the sketch stage runs for you",
+}
 
-USER_ERRORS = (
-    DataError, CheckpointError, MaskError, SketchError, InfluenceError, FidelityError, ProjectionErrorFileError,
-    FileNotFoundError, E5FileError, CounterfactualError,
-)
+
+def print_commands() -> None:
+    width = max(map(len, COMMANDS))
+    print("usage: crossling <command> [options]    (crossling <command> --help: that command's options)\n")
+    print("commands:")
+    for name, what in COMMANDS.items():
+        print(f"  {name:<{width}}  {what}")
+    print("\nREADME.md, \"The study\", says what each stage reads and writes.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a user's mistake (one line, exit 2), imported only when a command ran."""
+    from analysis.counterfactual import CounterfactualError
+    from analysis.influence import InfluenceError
+    from analysis.masks import MaskError
+    from analysis.projection_error import ProjectionErrorFileError
+    from analysis.sketch_store import SketchError
+    from callbacks.checkpoints import CheckpointError
+    from callbacks.fidelity_sample import FidelityError
+    from datamodules import DataError
+
+    from .e5_file import E5FileError
+
+    return (
+        DataError, CheckpointError, MaskError, SketchError, InfluenceError, FidelityError, ProjectionErrorFileError,
+        FileNotFoundError, E5FileError, CounterfactualError,
+    )
 
 
 def _stop_on_sigterm(signum, frame) -> None:
@@ -51,25 +76,39 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", message=pattern)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    if not args or args[0] in ("-h", "--help"):
+        print_commands()
+        return
     try:
-        if args and args[0] == "study":
+        if args[0] == "study":
             from .study import study_main  # imported on demand: most commands never need it
 
             study_main(args[1:])
-        elif args and args[0] == "pretrain":
+        elif args[0] == "report":
+            from .study import report_main
+
+            report_main(args[1:])
+        elif args[0] == "pretrain":
             raise SystemExit(
                 "crossling pretrain was retired: the tiny encoder it trained learned neither task; "
                 "study e5-small (the demo) or a hub encoder such as xlm-roberta-base"
             )
+        elif args[0] not in COMMANDS and not args[0].startswith("-"):
+            print(f"crossling: error: unknown command {args[0]!r}; expected one of {', '.join(COMMANDS)}",
+                  file=sys.stderr)
+            raise SystemExit(2)
         else:
+            from .cli import run_cli
+
             run_cli(argv)
     except Exception as err:
         # jsonargparse wraps errors raised while building classes: look down the chain
+        user_errors = _user_errors()
         found, seen = err, set()
-        while found is not None and not isinstance(found, USER_ERRORS) and id(found) not in seen:
+        while found is not None and not isinstance(found, user_errors) and id(found) not in seen:
             seen.add(id(found))
             found = found.__cause__ or found.__context__
-        if not isinstance(found, USER_ERRORS):
+        if not isinstance(found, user_errors):
             raise
         print(f"crossling: error: {found}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -367,5 +367,27 @@ def study_main(argv: list[str]) -> None:
     run_study(args.config, args.from_stage)
 
 
+def report_main(argv: list[str]) -> None:
+    """``crossling report``: rebuild a study's front page and summary from the files its stages wrote
+    (after a run's report was re-made, or on a copy of a study's folder), without running any stage."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="crossling report", description=report_main.__doc__.split("\n")[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("root", nargs="?", help="the study's root folder (its config's root:)")
+    where.add_argument("--config", help="the study config (its root: is used)")
+    args = parser.parse_args(argv)
+    root = Path(load_study_config(args.config)[0].root if args.config else args.root).expanduser().resolve()
+    if not root.is_dir() or not any(root.glob("**/report/items.json")):
+        raise FileNotFoundError(
+            f"{root}: no run report of a study found (expected <run>/report/items.json under it); "
+            "run the study first (crossling study --config <study config>)"
+        )
+    from analysis.study_report import write_study_report
+
+    print(f"report: {write_study_report(root).with_suffix('.html')}", flush=True)
+    print_summary(root)
+
+
 if __name__ == "__main__":
     study_main(sys.argv[1:])

@@ -29,7 +29,8 @@ def fitted_run(tmp_path_factory) -> Path:
 def test_writes_one_weights_only_checkpoint_per_epoch(fitted_run):
     checkpoints = list_checkpoints(fitted_run)
     assert [epoch for epoch, _ in checkpoints] == [0, 1]
-    assert (fitted_run / "checkpoints" / "last.ckpt").is_file()
+    # the resume state (weights and optimizer) goes when the fit has ended: nothing later reads it
+    assert not (fitted_run / "checkpoints" / "last.ckpt").exists()
     assert not list((fitted_run / "checkpoints").glob("*.tmp*")), "a temporary file was left behind"
     config = run_config(fitted_run)
     data = build_data(config)
@@ -48,6 +49,18 @@ def test_writes_one_weights_only_checkpoint_per_epoch(fitted_run):
     key = "model.classifier.dense.weight"
     assert not torch.equal(states[0][key], initial[key]), "epoch 0 did not train"
     assert not torch.equal(states[1][key], states[0][key]), "epoch 1 did not train"
+
+
+def test_keep_last_checkpoint_keeps_the_resume_state_of_a_finished_fit(tmp_path, fitted_run):
+    run_dir = tmp_path / "run"
+    result = run_crossling(tiny_fit_args(run_dir, "--trainer.keep_last_checkpoint", "true"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 1 and last["optimizer_states"], sorted(last)
+    # the option changes what is kept, not what is trained
+    ours = load_checkpoint(run_dir / "checkpoints" / "epoch=1.ckpt")["state_dict"]
+    theirs = load_checkpoint(fitted_run / "checkpoints" / "epoch=1.ckpt")["state_dict"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 def test_metrics_csv_has_every_language_and_matches_direct_evaluation(fitted_run):
