@@ -252,3 +252,16 @@ def test_a_changed_option_reruns_only_its_dependents(finished, tmp_path):
         assert f"] {stage}" in out and f"{stage}: done" not in out, f"{stage} should re-run"
     sidecar = json.loads((root / "full/sketches/epoch=0/full/train.json").read_text())
     assert sidecar["d"] == 16
+
+
+def test_report_command_rebuilds_the_front_page_from_the_files(finished):
+    root, _, config = finished
+    page = root / "report" / "report.md"
+    before = page.read_bytes()
+    page.unlink()
+    for where in ([str(root)], ["--config", str(config)]):
+        done = subprocess.run([sys.executable, "-m", "lightning_modules.main", "report", *where], cwd=REPO,
+                              env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert page.read_bytes() == before
+        assert "crossling study summary" in done.stdout
