@@ -8,9 +8,10 @@ the per-language shares of those sets (mean and largest cell, percentage points)
 widens every interval it marks by that share error, so a change smaller than the projection's
 own error is never reported as a finding.
 
-Memory stays bounded whatever the sample: exact training gradients are streamed (each batch is
-scored and dropped), and the test side is held in chunks of at most ``max_exact_gb`` (each chunk
-streams the training sample again), so the cost grows with n_test / chunk but memory does not.
+Memory stays bounded whatever the sample: the test side's exact gradients are held in chunks of at
+most ``max_exact_gb`` (each chunk streams the training sample again), written in place by the backward
+pass; a training example's exact gradient is never held whole, but scored one layer at a time as the
+backward pass forms it (``Sketcher.dot_exact``). So the cost grows with n_test / chunk, memory does not.
 """
 
 from __future__ import annotations
@@ -117,21 +118,22 @@ def exact_chunk_size(n_test: int, options: FidelityOptions, p: int) -> int:
     return max(1, min(n_test, int(options.max_exact_gb * 2**30 // (4 * p))))
 
 
-def check_memory(n_train: int, n_test: int, options: FidelityOptions, d: int, p: int) -> None:
+def check_memory(n_train: int, n_test: int, options: FidelityOptions, d: int, p: int, largest_layer: int) -> None:
     """Refuse, before any work, a sample memory cannot hold (one line)."""
-    # the sketches of the whole sample (float64), one chunk of test gradients, and a batch's exact
-    # gradients twice (the engine's output and the one being scored)
-    need = 8 * d * (n_train + n_test) + 4 * p * (exact_chunk_size(n_test, options, p) + 2 * options.batch_size)
+    # the sketches of the whole sample (float64), one chunk of test gradients, and one layer's exact
+    # gradients for a batch (formed, then scored)
+    need = 8 * d * (n_train + n_test) + 4 * p * exact_chunk_size(n_test, options, p) \
+        + 2 * 4 * largest_layer * options.batch_size
     available = _available_bytes()
     if available is not None and need > 0.8 * available:
         raise FidelityError(
             f"fidelity with d={d} and p={p} needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is "
-            "available: lower sketch.k, fidelity.n_train or fidelity.batch_size"
+            "available: lower fidelity.max_exact_gb, sketch.k, fidelity.n_train or fidelity.batch_size"
         )
     if 4 * p > options.max_exact_gb * 2**30:
         raise FidelityError(
             f"fidelity.max_exact_gb={options.max_exact_gb} cannot hold one test example's exact gradient "
-            f"({4 * p / 2**30:.2f} GiB for p={p})"
+            f"({4 * p / 2**30:.2f} GiB for p={p}); give at least {4 * p / 2**30:.2f}"
         )
 
 
@@ -161,38 +163,42 @@ def score_sample(module, datamodule, test_idx: np.ndarray, train_idx: np.ndarray
     """Score every sampled test example against every sampled training example, twice: from the
     sketches and from exact per-example gradients, the test side held ``max_exact_gb`` at a time."""
     model = module.model
-    exact = replace(sketch, kind="exact")
-    p = get_sketcher(model, exact).dim
+    exact = get_sketcher(model, replace(sketch, kind="exact"))
+    p = exact.dim
     chunk = exact_chunk_size(len(test_idx), options, p)
 
-    def grads(batch, options_):
+    def sketches(batch) -> np.ndarray:
         masks = _head_masks(batch["langs"], per_lang)
-        return sketch_batch(model, module.gates, batch, masks, options_)[0]
+        return sketch_batch(model, module.gates, batch, masks, sketch)[0].double().cpu().numpy()
 
     with sketching_mode(model):
         test_sketch, test_langs = [], []
         for batch in _batches(datamodule, "test", test_idx, options.batch_size):
-            test_sketch.append(grads(batch, sketch).double().cpu().numpy())
+            test_sketch.append(sketches(batch))
             test_langs.append(batch["langs"].cpu().numpy())
         train_sketch, train_langs = [], []
         exact_scores = np.zeros((len(test_idx), len(train_idx)))
+        train_unit = is_unit_normalized(options.normalization, "train")
         for start in range(0, len(test_idx), chunk):
             part = test_idx[start : start + chunk]
-            held = torch.empty((len(part), p), dtype=torch.float32)  # filled in place: no second copy
+            held = torch.zeros((len(part), p), dtype=torch.float32)  # written in place: no second copy
             row = 0
             for batch in _batches(datamodule, "test", part, options.batch_size):
-                g = grads(batch, exact)
-                held[row : row + len(g)] = g
-                row += len(g)
-                del g
+                size = len(batch["labels"])
+                exact(model, module.gates, batch, _head_masks(batch["langs"], per_lang), out=held[row : row + size])
+                row += size
             scale_rows_(held, options.normalization, "test")
             col = 0
             for batch in _batches(datamodule, "train", train_idx, options.batch_size):
-                g = scale_rows_(grads(batch, exact).cpu(), options.normalization, "train")
-                exact_scores[start : start + len(part), col : col + len(g)] = (held @ g.T).double().numpy()
-                col += len(g)
+                dots, squares = exact.dot_exact(model, module.gates, batch, _head_masks(batch["langs"], per_lang),
+                                                held)
+                if train_unit:  # a zero gradient scores 0, as the influence stage's row_scales says
+                    norms = squares.sqrt()
+                    dots = torch.where(norms[:, None] > 0, dots / norms.clamp_min(1e-300)[:, None], 0.0)
+                exact_scores[start : start + len(part), col : col + len(dots)] = dots.T.numpy()
+                col += len(dots)
                 if start == 0:
-                    train_sketch.append(grads(batch, sketch).double().cpu().numpy())
+                    train_sketch.append(sketches(batch))
                     train_langs.append(batch["langs"].cpu().numpy())
             del held
     test_n = normalize(np.concatenate(test_sketch), options.normalization, "test")

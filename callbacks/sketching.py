@@ -345,36 +345,88 @@ class Sketcher:
             self._matrices[key] = mats
         return self._matrices[key]
 
-    def __call__(self, model: nn.Module, gates, batch: dict, head_mask: torch.Tensor | None = None):
+    def __call__(self, model: nn.Module, gates, batch: dict, head_mask: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None):
         """(sketches (B, d), per-example loss (B,), argmax prediction (B,)) of one batch.
 
         Streams: a forward hook projects each layer's input as the layer runs, a tensor hook folds
         the output gradient into the sketches as soon as the backward pass produces it, so neither
         inputs nor output gradients outlive their use (less memory, and freed buffers are reused).
+        ``out``, a zeroed (B, d) tensor (exact kind only), receives the values in place: a caller that
+        holds many exact gradients fills its own rows without a second copy of the batch's.
         """
         ids = batch["input_ids"]
-        out: torch.Tensor | None = None
-        token_mask: torch.Tensor | None = None
+        if out is not None:
+            if self.options.kind != "exact" or out.shape != (ids.shape[0], self.dim):
+                raise ValueError(f"out= takes a ({ids.shape[0]}, {self.dim}) tensor for exact gradients")
+        target: list[torch.Tensor] = [] if out is None else [out]
+        token_mask: list[torch.Tensor | None] = []
 
         def on_call(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
-            nonlocal out, token_mask
-            if out is None:
-                out = self._empty(ids.shape[0], x.device, torch.promote_types(x.dtype, torch.float32))
-                token_mask = _token_mask(batch["attention_mask"], x.dtype)
+            if not target:
+                target.append(self._empty(ids.shape[0], x.device, torch.promote_types(x.dtype, torch.float32)))
+            if not token_mask:
+                token_mask.append(_token_mask(batch["attention_mask"], x.dtype))
             held = [self._input_state(i, x.detach())]  # dropped as soon as the gradient is folded in
-            y.register_hook(lambda g: self._fold(i, held.pop(), g, token_mask, out))
+            y.register_hook(lambda g: self._fold(i, held.pop(), g, token_mask[0], target[0]))
 
+        losses, logits = self._backward(model, gates, batch, head_mask, on_call, self.options.kind != "exact")
+        return target[0].reshape(ids.shape[0], -1), losses, logits.argmax(-1)
+
+    def dot_exact(self, model: nn.Module, gates, batch: dict, head_mask: torch.Tensor | None,
+                  against: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(⟨g_b, a⟩ for every example b of the batch and row a of ``against`` (B, n), ‖g_b‖² (B,)) from
+        the exact per-example gradients g_b (exact kind only), float64.
+
+        The gradient is formed one layer at a time and scored against that layer's columns of
+        ``against`` (n, d) as soon as the backward pass reaches it, so memory holds one layer's (B, out·in),
+        never the batch's (B, d): equal to ``against @ self(batch)[0].T`` up to float rounding.
+        """
+        if self.options.kind != "exact" or against.shape[1] != self.dim:
+            raise ValueError(f"dot_exact scores exact gradients against (n, {self.dim}) rows")
+        b = batch["input_ids"].shape[0]
+        dots = torch.zeros((b, against.shape[0]), dtype=torch.float64)
+        squares = torch.zeros(b, dtype=torch.float64)
+        calls: list[int] = []
+        token_mask: list[torch.Tensor | None] = []
+
+        def score(i: int, state: torch.Tensor, g: torch.Tensor) -> None:
+            piece = torch.zeros((b, self._offsets[i + 1] - self._offsets[i]), device=g.device,
+                                dtype=torch.promote_types(g.dtype, torch.float32))
+            self._fold(i, state, g, token_mask[0], piece, start=0)
+            with torch.no_grad():
+                part = against[:, self._offsets[i] : self._offsets[i + 1]]
+                dots.add_((piece @ part.to(piece.dtype).T).double().cpu())
+                squares.add_(torch.linalg.vector_norm(piece, dim=1, dtype=torch.float64).square().cpu())
+
+        def on_call(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+            if i in calls:  # a layer's gradient is the sum over its calls: its square is not the sum of theirs
+                raise ValueError(f"layer {self.names[i]} runs more than once per forward pass: dot_exact cannot "
+                                 "score it layer by layer")
+            calls.append(i)
+            if not token_mask:
+                token_mask.append(_token_mask(batch["attention_mask"], x.dtype))
+            held = [x.detach()[:, None] if x.dim() == 2 else x.detach()]
+            y.register_hook(lambda g: score(i, held.pop(), g))
+
+        self._backward(model, gates, batch, head_mask, on_call, False)
+        return dots, squares
+
+    def _backward(self, model, gates, batch: dict, head_mask, on_call, low_precision: bool):
+        """One forward pass with ``on_call`` hooked on the sketched layers, then one backward pass of the
+        summed per-example losses (every hook runs); returns (losses, logits), detached."""
         hooks = _Hooks(self.layers, on_call)
-        precision = "32" if self.options.kind == "exact" else self.options.precision
+        precision = self.options.precision if low_precision else "32"
+        ids = batch["input_ids"]
         with sketching_mode(model, self.options.attention), torch.enable_grad(), autocast_for(precision, ids.device):
             logits, losses = _forward_losses(model, gates, batch, head_mask, hooks)
-            if out is None:
+            if not hooks.outputs:
                 raise RuntimeError(
                     f"none of the sketched layers ran in the forward pass ({self.names[:3]} ...)"
                 )
             # differentiating to the roots runs every backward node above them, hence every hook
             torch.autograd.grad(losses.sum(), hooks.roots or hooks.outputs, allow_unused=True)
-        return out.reshape(ids.shape[0], -1), losses.detach(), logits.detach().argmax(-1)
+        return losses.detach(), logits.detach()
 
     def project(self, captured: Captured) -> torch.Tensor:
         """The sketches of a kept-whole capture (several Sketchers of the same layers can project one
@@ -409,8 +461,10 @@ class Sketcher:
         g2t = self.matrices(x.device, x.dtype)[i][1]
         return torch.addmm(g2t[-1], x.reshape(-1, x.shape[-1]), g2t[:-1]).view(*x.shape[:2], -1)
 
-    def _fold(self, i: int, state: torch.Tensor, g: torch.Tensor, token_mask, out: torch.Tensor) -> None:
-        """Add one layer call's contribution: Σ_t (G1 ∇y_t)(G2 x̃_t)ᵀ per example (or ∇W, ∇b exactly)."""
+    def _fold(self, i: int, state: torch.Tensor, g: torch.Tensor, token_mask, out: torch.Tensor,
+              start: int | None = None) -> None:
+        """Add one layer call's contribution: Σ_t (G1 ∇y_t)(G2 x̃_t)ᵀ per example (or ∇W, ∇b exactly, at
+        column ``start`` of ``out``: the layer's offset in the whole gradient by default)."""
         with torch.no_grad():
             if g.dim() == 2:
                 g = g[:, None]
@@ -420,10 +474,11 @@ class Sketcher:
                 if masked:
                     g = g * token_mask[..., None]  # padding contributes nothing
                 mod = self.layers[i][1]
-                start, w_end = self._offsets[i], self._offsets[i] + mod.out_features * mod.in_features
+                start = self._offsets[i] if start is None else start
+                w_end, end = start + mod.out_features * mod.in_features, start + layer_parameter_count(mod)
                 out[:, start:w_end] += torch.bmm(g.transpose(1, 2), state).reshape(batch, -1)
                 if mod.bias is not None:
-                    out[:, w_end : self._offsets[i + 1]] += g.sum(1)
+                    out[:, w_end:end] += g.sum(1)
                 return
             k = self.options.k
             a = g @ self.matrices(g.device, g.dtype)[i][0]  # (B, T, r·k)

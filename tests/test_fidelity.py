@@ -127,7 +127,7 @@ def test_bad_requests_fail_before_writing(tmp_path, dm, options, message):
 
 def test_a_sketch_too_large_for_memory_and_a_run_without_checkpoints_are_refused(tmp_path, dm):
     run_dir = make_run_dir(tmp_path / "run", dm.languages)
-    with pytest.raises(FidelityError, match=r"needs about .* GiB, .* GiB is available: lower sketch.k"):
+    with pytest.raises(FidelityError, match=r"needs about .* GiB, .* GiB is available: lower fidelity.max_exact_gb, sketch.k"):
         measure_fidelity(new_module(dm.languages), dm, run_dir, SketchOptions(k=60_000, precision="32"),
                      FidelityOptions(n_test=4, n_train=20))
     empty = tmp_path / "empty"

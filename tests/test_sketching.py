@@ -149,6 +149,29 @@ def test_exact_mode_equals_explicit_per_example_gradients(layout):
         torch.testing.assert_close(exact[b], expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["xlmr", "bert"])
+def test_exact_dot_products_layer_by_layer_equal_those_of_the_whole_gradient(layout):
+    # the fidelity stage scores a training example's exact gradient one layer at a time, never holding it
+    model = tiny_float64(seed=11, layout=layout)
+    batch = inputs(batch=4, length=10, seed=12)
+    batch["attention_mask"][1, 7:] = 0  # padding: contributes nothing either way
+    head_mask = random_head_mask(4, seed=13)
+    gates = HeadGates(model)
+    sketcher = get_sketcher(model, SketchOptions(kind="exact"))
+    whole, _, _ = sketcher(model, gates, batch, head_mask)
+    against = torch.randn(3, sketcher.dim, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    dots, squares = sketcher.dot_exact(model, gates, batch, head_mask, against)
+    torch.testing.assert_close(dots, whole @ against.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(squares, (whole * whole).sum(1), rtol=1e-9, atol=1e-12)
+    # out=: the values land in the caller's rows, equal to the returned ones
+    rows = torch.zeros((6, sketcher.dim), dtype=torch.float64)
+    sketcher(model, gates, batch, head_mask, out=rows[1:5])
+    assert torch.equal(rows[1:5], whole) and not rows[0].any() and not rows[5].any()
+    with pytest.raises(ValueError, match="out= takes a"):
+        sketcher(model, gates, batch, head_mask, out=rows[:3])
+    gates.remove()
+
+
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_padding_and_batch_composition_do_not_change_a_sketch(attention):
     model = make_tiny_model(LAYERS, HEADS, HIDDEN, VOCAB, attn="sdpa", seed=7, num_labels=3, init_std=0.2)

@@ -24,7 +24,7 @@ from callbacks.fidelity_sample import (
     sample_sizes,
     score_sample,
 )
-from callbacks.sketching import SketchOptions, get_sketcher, resolve_precision
+from callbacks.sketching import SketchOptions, get_sketcher, layer_parameter_count, resolve_precision
 
 from .request import AnalyzeRequest
 
@@ -48,10 +48,11 @@ def measure_fidelity(module, datamodule, run_dir: Path, sketch: SketchOptions, o
     model = module.model
     device = next(model.parameters()).device
     sketch = replace(sketch, precision=resolve_precision(sketch.precision, device))
-    d, p = get_sketcher(model, sketch).dim, get_sketcher(model, replace(sketch, kind="exact")).dim
+    exact = get_sketcher(model, replace(sketch, kind="exact"))
+    d, p = get_sketcher(model, sketch).dim, exact.dim
     n_train_data, n_test_data = len(datamodule.dataset("train")), len(datamodule.dataset("test"))
     n_train, n_test = sample_sizes(n_train_data, n_test_data, options)
-    check_memory(n_train, n_test, options, d, p)
+    check_memory(n_train, n_test, options, d, p, max(layer_parameter_count(mod) for _, mod in exact.layers))
     load_weights(module, checkpoints[epoch])
     languages = list(datamodule.languages)
     shape = module.gates.shape
