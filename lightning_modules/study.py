@@ -279,8 +279,8 @@ def estimate_seconds_left(remaining: list[Stage], durations: dict[str, list[floa
 
 
 def run_study(config: str, from_stage: str | None = None, only: list[str] | None = None) -> Path:
-    """Run (or resume) every stage; returns the study root."""
-    from .cli import run_cli
+    """Run (or resume) every stage, each in its own process (``stage_process.py``); returns the study root."""
+    from .stage_process import run_stage_process
 
     cfg, base = load_study_config(config)
     root = Path(cfg.root).expanduser().resolve()
@@ -323,15 +323,20 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
               f"elapsed {_fmt(elapsed)}{left}\n  crossling {' '.join(command)}", flush=True)
         _write_json(markers / f"{stage.name}.started.json", {"fingerprint": fp})
         t0 = time.monotonic()
+        record = {}
         if command[0] == "report":
             from analysis.study_report import write_study_report
 
             write_study_report(Path(command[1]))
         else:
-            run_cli(command)
+            peak = run_stage_process(stage.name, command).peak_bytes
+            record["peak_rss_mb"] = round(peak / 2**20)
+            print(f"  finished {stage.name} in {_fmt(time.monotonic() - t0)}, peak memory {peak / 2**30:.2f} GiB",
+                  flush=True)
         seconds = time.monotonic() - t0
         durations.setdefault(stage.command[0], []).append(seconds)
-        _write_json(markers / f"{stage.name}.json", {"fingerprint": fp, "seconds": seconds, "command": command})
+        _write_json(markers / f"{stage.name}.json",
+                    {"fingerprint": fp, "seconds": seconds, "command": command, **record})
         (markers / f"{stage.name}.started.json").unlink(missing_ok=True)
     print_summary(root)
     return root
@@ -364,7 +369,13 @@ def study_main(argv: list[str]) -> None:
             state = "done" if marker and marker.get("fingerprint") == fp else "to run"
             print(f"{stage.name:28s} {state:7s} crossling {' '.join(stage.command)}")
         return
-    run_study(args.config, args.from_stage)
+    from .stage_process import StageFailed
+
+    try:
+        run_study(args.config, args.from_stage)
+    except StageFailed as stopped:
+        print(stopped, file=sys.stderr, flush=True)
+        raise SystemExit(stopped.exit_code) from None
 
 
 def report_main(argv: list[str]) -> None:
