@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -43,8 +45,21 @@ class EpochCheckpoint(pl.Callback):
     def __init__(self, save_last: bool = True, keep_last: bool = False):
         self.save_last = save_last
         self.keep_last = keep_last
-        self._rates: list[float] = []
-        self._examples = 0
+        self._resume_rng: dict | None = None
+
+    # A fit resumed from last.ckpt must draw the dropout masks the uninterrupted fit drew, or every later
+    # stage differs. Lightning's checkpoint holds no RNG state: last.ckpt carries the one at the epoch's end,
+    # put back when training starts again (the point an uninterrupted fit goes on from).
+    def state_dict(self) -> dict:
+        return {"rng": collect_rng_states()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_rng = state_dict.get("rng")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resume_rng is not None:
+            restore_rng_states(self._resume_rng)
+            self._resume_rng = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rates, self._examples = [], 0
@@ -89,6 +104,29 @@ class EpochCheckpoint(pl.Callback):
         # reached only when the fit ended (not when it was stopped): the resume state has served
         if self.save_last and not self.keep_last and trainer.is_global_zero:
             (Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
+
+
+def collect_rng_states() -> dict:
+    """Python's, numpy's and torch's (CPU and CUDA) global RNG states, in types a weights-only load reads."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": [version, list(internal), gauss],
+    }
+
+
+def restore_rng_states(states: dict) -> None:
+    """Put back what ``collect_rng_states`` took."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

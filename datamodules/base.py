@@ -221,11 +221,16 @@ class TaskDataModule(pl.LightningDataModule):
         return trainer.world_size, trainer.global_rank
 
     def _loader(self, dataset: ExampleDataset, batch_sampler) -> DataLoader:
+        # Each iterator draws a seed for its workers: from its own generator, not the global RNG that
+        # dropout draws from. Lightning makes a loader's iterator at different moments in a process's first
+        # epoch and in later ones, so a global draw would make a fit resumed at an epoch differ from one that
+        # ran through.
         return DataLoader(
             dataset,
             batch_sampler=batch_sampler,
             collate_fn=make_collate(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -245,3 +245,19 @@ def logged_val_rows(run_dir: Path) -> list[dict[str, str]]:
 
     with open(Path(run_dir) / "logs" / "metrics.csv", newline="") as f:
         return [row for row in csv.DictReader(f) if row.get("val/acc")]
+
+
+class DieAtEpoch(pl.Callback):
+    """End the process at once, as ``kill -9`` would (no clean-up, no exception), when epoch ``epoch``
+    starts: for tests of resuming a fit from ``checkpoints/last.ckpt``.
+
+    Args:
+        epoch: the epoch whose start the process does not survive.
+    """
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            os._exit(137)

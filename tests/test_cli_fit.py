@@ -63,6 +63,23 @@ def test_keep_last_checkpoint_keeps_the_resume_state_of_a_finished_fit(tmp_path,
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+def test_a_fit_killed_between_epochs_resumes_to_the_weights_of_one_that_ran_through(tmp_path, fitted_run):
+    run_dir = tmp_path / "run"
+    args = tiny_fit_args(run_dir, "--model.dropout", "0.3")  # dropout draws from the RNG: resuming must restore it
+    killed = run_crossling([*args, "--trainer.callbacks+=tests.helpers.DieAtEpoch", "--trainer.callbacks.epoch=1"])
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "checkpoints" / "epoch=1.ckpt").exists()
+    resumed = run_crossling([*args, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    through = tmp_path / "through"
+    result = run_crossling(tiny_fit_args(through, "--model.dropout", "0.3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for epoch in (0, 1):
+        ours = load_checkpoint(run_dir / "checkpoints" / f"epoch={epoch}.ckpt")["state_dict"]
+        theirs = load_checkpoint(through / "checkpoints" / f"epoch={epoch}.ckpt")["state_dict"]
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), f"epoch {epoch} differs after resuming"
+
+
 def test_metrics_csv_has_every_language_and_matches_direct_evaluation(fitted_run):
     config = run_config(fitted_run)
     data = build_data(config)
