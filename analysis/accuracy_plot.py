@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .atomic import save_figure
 
 
 def plot_accuracy_table(rows: dict[str, dict[str, float]], path: Path) -> None:
@@ -28,7 +29,5 @@ def plot_accuracy_table(rows: dict[str, dict[str, float]], path: Path) -> None:
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("Accuracy per language")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
-    os.replace(tmp, path)

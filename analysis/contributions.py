@@ -10,12 +10,13 @@ dataset index, so the difference of two matrices is a per-example (paired) diffe
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_write
 
 SIGNS: tuple[str, ...] = ("pos", "neg")
 CSV_COLUMNS = ["test_lang", "train_lang", "sign", "percent", "ci_low", "ci_high", "n_test"]
@@ -153,16 +154,12 @@ class ContributionTable:
 
 def write_rows_csv(path: str | Path, rows: list[dict], columns: Sequence[str]) -> Path:
     """Write dict rows as CSV through a temporary file, so a reader never sees half a table."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _fmt(row.get(k, "")) for k in columns})
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def _fmt(value) -> str:

@@ -18,13 +18,13 @@ training items, so this is unbiased for the whole of S). numpy only.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .correlations import correlate
 from .masks import name_seed
 from .seed_pooling import PooledEffect, SeedSample, pool_seeds
@@ -57,13 +57,10 @@ class TestLosses:
 def write_test_losses(path: str | Path, losses: TestLosses) -> Path:
     """``.npz`` of plain arrays, written to a temporary name and renamed (a reader never sees half of it)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         np.savez(f, test_index=losses.test_index.astype(np.int64), lang=losses.lang.astype(np.int64),
                  languages=np.array(losses.languages, dtype=np.str_), loss=losses.loss.astype(np.float64),
                  correct=losses.correct.astype(bool), model_fingerprint=np.array(losses.model_fingerprint))
-    os.replace(tmp, path)
     return path
 
 

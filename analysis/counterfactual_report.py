@@ -4,12 +4,11 @@ the figures, for one seed (the stage) or pooled over seeds (the study report).""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_json_atomic
+from .atomic import atomic_write, write_json_atomic
 from .contributions import read_contributions_csv, write_rows_csv
 from .counterfactual import (
     CSV_COLUMNS,
@@ -27,16 +26,13 @@ RUN_FOLDER = "counterfactual"  # under the analysed (full fine-tuning) run
 
 
 def write_effects(path: Path, seed: SeedCounterfactual) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     arrays = {"lang": seed.lang.astype(np.int64), "languages": np.array(seed.languages, dtype=np.str_),
               "removed": np.array(list(seed.retrained), dtype=np.str_)}
     for r in seed.retrained:
         arrays[f"retrained_{r}"], arrays[f"predicted_{r}"] = seed.retrained[r], seed.predicted[r]
         arrays[f"accuracy_{r}"] = seed.accuracy[r]
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
     return path
 
 

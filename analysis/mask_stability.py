@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .atomic import write_json_atomic
+from .atomic import save_figure, write_json_atomic
 from .mask_stats import write_csv
 from .masks import MaskError, _read_subnetwork, check_mask, name_seed
 
@@ -484,14 +483,10 @@ def _save_figure(fig, path: Path) -> Path:
     """savefig to a temporary name, then rename: a killed run never leaves half a PNG."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        return save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _pyplot():

@@ -12,11 +12,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import save_figure
 from .atomic import write_text_atomic as _write_text
 from .masks import MaskError, load_subnetworks
 
@@ -180,10 +180,8 @@ def plot_heatmap(
         return None
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -206,10 +204,8 @@ def _plot_per_layer(cosines: np.ndarray, languages: list[str], path: Path) -> Pa
         plot_heatmap(cosines[layer], languages, languages, f"layer {layer}", path, "{:.2f}", ax=ax)
     fig.suptitle("cosine similarity of subnetwork masks per layer")
     fig.tight_layout()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

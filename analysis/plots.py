@@ -8,7 +8,6 @@ diverging colour map centred on zero, and a cell whose bootstrap CI excludes zer
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .atomic import save_figure
 from .bootstrap import excludes_zero
 
 
@@ -52,12 +52,7 @@ class Panel:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}" + path.suffix)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _num(fmt: str, value: float) -> str:

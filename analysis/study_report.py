@@ -10,12 +10,12 @@ import csv
 import hashlib
 import html
 import json
-import os
 import re
 from pathlib import Path
 
 from markdown_it import MarkdownIt
 
+from .atomic import save_figure
 from .atomic import write_text_atomic as _write
 from .counterfactual_report import counterfactual_section
 from .report.render import MAX_TABLE_ROWS, markdown_table, read_csv
@@ -81,10 +81,8 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from analysis.atomic import atomic_write, raise_if_disk_full
+
 FORMAT = 1
 _EPOCH = re.compile(r"^epoch=(\d+)\.ckpt$")
 
@@ -28,10 +30,8 @@ class CheckpointError(ValueError):
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:  # a Python file: a failed write keeps its OSError in torch's error
+        torch.save(obj, f)
 
 
 class EpochCheckpoint(pl.Callback):
@@ -95,7 +95,12 @@ class EpochCheckpoint(pl.Callback):
         if self.save_last:
             # all ranks take part; Lightning writes on rank zero only
             tmp = directory / "last.ckpt.tmp"
-            trainer.save_checkpoint(tmp, weights_only=False)
+            try:
+                trainer.save_checkpoint(tmp, weights_only=False)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                raise_if_disk_full(err, directory / "last.ckpt")
+                raise
             if trainer.is_global_zero:
                 os.replace(tmp, directory / "last.ckpt")
         trainer.strategy.barrier()

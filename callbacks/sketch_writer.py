@@ -18,6 +18,7 @@ row by row, by dataset index. Finishing writes the sidecar under a temporary nam
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -31,11 +32,31 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
+from analysis.atomic import atomic_write, raise_if_disk_full
 from analysis.atomic import write_text_atomic as atomic_write_text
 from analysis.sketch_store import ROW_KEYS, SketchError, check_compatible, read_sidecar
 
 log = logging.getLogger(__name__)
 
+
+
+def allocated_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new ``np.save``-format memory map whose disk blocks are reserved now: a full disk fails here,
+    with an error naming the file, instead of killing the process (SIGBUS) when a row is written later."""
+    array = None
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        with open(path, "r+b") as f:
+            if hasattr(os, "posix_fallocate"):  # not on macOS
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as err:
+        if array is not None and err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return array  # a file system that cannot reserve blocks: written as before
+        del array
+        path.unlink(missing_ok=True)
+        raise_if_disk_full(err, path)
+        raise
+    return array
 
 
 def indices_digest(indices: np.ndarray) -> str:
@@ -186,23 +207,27 @@ class ShardStore:
             self.done = np.load(self.done_path, allow_pickle=False)
             return int(self.done.sum())
         self.remove()
-        self.npy.parent.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(self.index_path, mode="w+", dtype=np.int64, shape=(n,))[:] = self.share
-        self.rows = np.lib.format.open_memmap(self.npy, mode="w+", dtype=np.float32, shape=(n, d))
-        self.meta = np.lib.format.open_memmap(self.meta_path, mode="w+", dtype=np.float64, shape=(n, 2))
-        self.done = np.zeros(n, dtype=np.uint8)
-        self._save_done()
-        atomic_write_text(self.header_path, json.dumps(self.header()))  # last: the shard now exists
+        try:
+            self.npy.parent.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(self.index_path, mode="w+", dtype=np.int64, shape=(n,))[:] = self.share
+            self.rows = allocated_memmap(self.npy, np.float32, (n, d))
+            self.meta = allocated_memmap(self.meta_path, np.float64, (n, 2))
+            self.done = np.zeros(n, dtype=np.uint8)
+            self._save_done()
+            atomic_write_text(self.header_path, json.dumps(self.header()))  # last: the shard now exists
+        except OSError as err:
+            self.rows = self.meta = None
+            self.remove()
+            raise_if_disk_full(err, self.npy)
+            raise
         return 0
 
     def _save_done(self) -> None:
         """Flush the rows, then save the done map that vouches for them."""
         self.rows.flush()
         self.meta.flush()
-        tmp = self.done_path.with_name(self.done_path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_write(self.done_path, "wb") as f:
             np.save(f, self.done)
-        os.replace(tmp, self.done_path)
         self._saved = time.monotonic()
 
     def _resumable(self, n: int, d: int) -> bool:
@@ -280,7 +305,7 @@ def finish_target(
         meta = np.load(shards[0].meta_path, mmap_mode="r")
         loss[:], pred[:] = meta[:, 0], meta[:, 1]
     else:
-        out = np.lib.format.open_memmap(final_partial, mode="w+", dtype=np.float32, shape=(n, d))
+        out = allocated_memmap(final_partial, np.float32, (n, d))
         covered = np.zeros(n, dtype=bool)
         for store in shards:
             pos = np.searchsorted(target.indices, store.share)

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from analysis.atomic import atomic_write
 from callbacks.checkpoints import list_checkpoints, load_weights
 
 
@@ -60,17 +60,14 @@ def accuracy_by_language(module, dataloader, languages: list[str], language_mask
 
 def write_accuracy_table(path: Path, rows: dict[str, dict[str, float]]) -> None:
     """CSV (language + one column per model) and a grouped bar chart beside it; written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(next(iter(rows.values())))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as f:
         writer = csv.writer(f)
         writer.writerow(["language", *columns])
         for lang, values in rows.items():
             writer.writerow([lang, *(f"{values[c]:.4f}" for c in columns)])
         means = {c: sum(v[c] for v in rows.values()) / len(rows) for c in columns}
         writer.writerow(["mean", *(f"{means[c]:.4f}" for c in columns)])
-    os.replace(tmp, path)
     from analysis.accuracy_plot import plot_accuracy_table
 
     plot_accuracy_table(rows, path.with_suffix(".png"))
@@ -91,11 +88,8 @@ def write_predictions(path: Path, results: dict[str, LanguageAccuracy]) -> None:
         "label": first.label.astype(np.int64),
         **{f"correct_{column}": r.correct.astype(bool) for column, r in results.items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
+    with atomic_write(path, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 class AccuracyTable(pl.Callback):

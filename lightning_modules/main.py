@@ -60,6 +60,7 @@ def bound_heap_growth() -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean a user's mistake (one line, exit 2), imported only when a command ran."""
+    from analysis.atomic import DiskFullError
     from analysis.counterfactual import CounterfactualError
     from analysis.influence import InfluenceError
     from analysis.masks import MaskError
@@ -73,7 +74,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         DataError, CheckpointError, MaskError, SketchError, InfluenceError, FidelityError, ProjectionErrorFileError,
-        FileNotFoundError, E5FileError, CounterfactualError,
+        FileNotFoundError, E5FileError, CounterfactualError, DiskFullError,
     )
 
 

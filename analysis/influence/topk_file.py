@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..contributions import (
     SIGNS,
     language_codes,
@@ -69,11 +69,8 @@ class TopKFile:
 def save_topk(path: Path, top: TopKFile) -> Path:
     """Write a topk.npz atomically (plain arrays only: readable with allow_pickle=False)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         np.savez(f, meta=np.array(json.dumps(top.meta)), **top.arrays)
-    os.replace(tmp, path)
     return path
 
 
