@@ -178,7 +178,12 @@ class RunDirConfig(SaveConfigCallback):
         if trainer.is_global_zero:
             root = Path(trainer.default_root_dir)
             root.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(root / self.config_filename), skip_none=False, overwrite=True,
+            config = self.config.clone()
+            if "ckpt_path" in config:
+                # what the run is, not how this process got there: a fit resumed from last.ckpt writes the
+                # config of the fit that ran through (last.ckpt is gone once the fit has ended)
+                config.ckpt_path = None
+            self.parser.save(config, str(root / self.config_filename), skip_none=False, overwrite=True,
                              multifile=False)
             write_backbone_record(root, pl_module)
         self.already_saved = True

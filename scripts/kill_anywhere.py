@@ -7,8 +7,8 @@ A small study on the tiny random model (every stage of the demo's chain: full fi
 the natural analysis with its fidelity stage, SFT, random-subnetwork SFT, their analyses, the front page)
 runs once uninterrupted. Then the same study runs again in the same folder, and is killed with SIGKILL,
 the study and its stage's process together (as power loss or the out-of-memory killer would), ``--kills``
-times: kill ``i`` falls in stage ``i mod stages`` (so every stage is hit), at a moment drawn uniformly
-over that stage's duration in the uninterrupted run. After each kill the same command resumes it; after
+times: kill ``i`` falls in stage ``i mod stages`` (so every stage is hit; a stage's second kill falls in
+its resumed run), at a moment drawn uniformly over that stage's duration in the uninterrupted run. After each kill the same command resumes it; after
 the last, it runs to the end. Every file of the two studies is then compared:
 
 - byte for byte, except the files listed in ``VOLATILE`` (the study's timing markers, which record
@@ -113,9 +113,12 @@ class Kill:
 
 
 def plan_kills(durations: dict[str, float], kills: int, seed: int) -> list[Kill]:
+    """Kill ``i`` in stage ``i mod stages``, in the order the stages run (a stage's second kill falls in its
+    resumed run, right after its first)."""
     rng = random.Random(seed)
     stages = list(durations)
-    return [Kill(stages[i % len(stages)], rng.uniform(0.0, durations[stages[i % len(stages)]])) for i in range(kills)]
+    plan = [Kill(stages[i % len(stages)], rng.uniform(0.0, durations[stages[i % len(stages)]])) for i in range(kills)]
+    return sorted(plan, key=lambda kill: stages.index(kill.stage))
 
 
 def kill_at(config: Path, root: Path, kill: Kill, log) -> str:

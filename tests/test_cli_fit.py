@@ -71,6 +71,7 @@ def test_a_fit_killed_between_epochs_resumes_to_the_weights_of_one_that_ran_thro
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "checkpoints" / "epoch=1.ckpt").exists()
     resumed = run_crossling([*args, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_config(run_dir)["ckpt_path"] is None  # config.yaml replays the run, not its resumption
     through = tmp_path / "through"
     result = run_crossling(tiny_fit_args(through, "--model.dropout", "0.3"))
     assert result.returncode == 0, result.stderr[-3000:]
