@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,19 @@ class DiskFullError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+TEMPORARY = re.compile(r"\.tmp\d*$")  # what temporary_name (and Lightning's last.ckpt.tmp) end with
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files a writer killed mid-write (SIGKILL, power loss) left under ``folder``:
+    nobody reads them, and a resumed stage writes its files again. Returns what was removed."""
+    folder = Path(folder)
+    found = [p for p in folder.rglob("*.tmp*") if p.is_file() and TEMPORARY.search(p.name)] if folder.is_dir() else []
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def temporary_name(path: Path) -> Path:

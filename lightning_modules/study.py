@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from analysis.atomic import remove_temporaries
 from analysis.atomic import write_json_atomic as _write_json
 
 
@@ -75,6 +76,16 @@ class Stage:
     depends: list[str]
     resume_fit: Path | None = None  # run dir of a fit stage (resumes from checkpoints/last.ckpt)
     outputs: list[Path] = field(default_factory=list)  # stale when the stage's inputs change
+
+
+def stage_folder(stage: Stage) -> Path:
+    """The folder a stage writes in: its run directory, or the study's front page for the report."""
+    if stage.command[0] == "report":
+        return Path(stage.command[1]) / "report"
+    for arg in stage.command:
+        if arg.startswith("--trainer.default_root_dir="):
+            return Path(arg.split("=", 1)[1])
+    raise ValueError(f"stage {stage.name}: its command names no run directory ({stage.command})")
 
 
 def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
@@ -321,6 +332,7 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
         left = f", about {_fmt(estimate)} left" if estimate is not None else ""
         print(f"\n[{number}/{len(stages)}] {stage.name}{' (resuming)' if resuming else ''} — "
               f"elapsed {_fmt(elapsed)}{left}\n  crossling {' '.join(command)}", flush=True)
+        remove_temporaries(stage_folder(stage))  # what a killed run of this stage was writing
         _write_json(markers / f"{stage.name}.started.json", {"fingerprint": fp})
         t0 = time.monotonic()
         record = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from helpers import REPO
 
 spec = importlib.util.spec_from_file_location("kill_anywhere", REPO / "scripts" / "kill_anywhere.py")
 kill_anywhere = importlib.util.module_from_spec(spec)
+sys.modules["kill_anywhere"] = kill_anywhere  # its dataclasses look their module up there
 spec.loader.exec_module(kill_anywhere)
 
 
