@@ -139,10 +139,12 @@ def check_memory(n_train: int, n_test: int, options: FidelityOptions, d: int, p:
 
 
 def scale_rows_(x: torch.Tensor, normalization: str, side: str) -> torch.Tensor:
-    """``x`` scaled in place as the influence stage normalises this side (norms summed in float64,
-    without a float64 copy of a gradient matrix that may hold gigabytes)."""
+    """``x`` scaled in place as the influence stage normalises this side (norms summed in float64, one row
+    at a time: ``vector_norm(x, dtype=float64)`` makes a float64 copy of the whole matrix first, which
+    for the e5 demo's held test gradients was 4 GB on top of their 2)."""
     if is_unit_normalized(normalization, side):
-        norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+        norms = torch.stack([torch.linalg.vector_norm(row, dtype=torch.float64) for row in x]) if len(x) \
+            else torch.zeros(0, dtype=torch.float64)
         scales = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
         x.mul_(scales.to(x.dtype)[:, None])
     return x

@@ -26,6 +26,7 @@ from datamodules import TaskDataModule
 
 from .classifier import SequenceClassifier
 from .explain import example_texts, print_explanation
+from .heap import release_freed_memory
 from .stages import ANALYZE_STAGES, AnalyzeRequest, CounterfactualOptions, run_subnetworks
 
 
@@ -163,6 +164,7 @@ class CrosslingTrainer(Trainer):
         for stage in stages or ["sketch", "influence", "report"]:
             print(f"analyze: {stage} ({', '.join(request.conditions)}) in {request.run_dir}", flush=True)
             ANALYZE_STAGES[stage](request)  # lightning_modules/stages/<stage>.py
+            release_freed_memory()
 
 
 class RunDirConfig(SaveConfigCallback):
