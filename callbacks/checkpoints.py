@@ -45,6 +45,8 @@ class EpochCheckpoint(pl.Callback):
     def __init__(self, save_last: bool = True, keep_last: bool = False):
         self.save_last = save_last
         self.keep_last = keep_last
+        self._rates: list[float] = []
+        self._examples = 0
         self._resume_rng: dict | None = None
 
     # A fit resumed from last.ckpt must draw the dropout masks the uninterrupted fit drew, or every later
