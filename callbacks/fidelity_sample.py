@@ -76,7 +76,7 @@ def sample_indices(n: int, k: int | None, *names) -> np.ndarray:
 def _batches(datamodule, split: str, indices: np.ndarray, batch_size: int):
     dataset = datamodule.dataset(split)
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size,
-                        collate_fn=make_collate(datamodule.tokenizer.pad_token_id))
+                        collate_fn=make_collate(datamodule.pad_token_id))
     yield from loader
 
 

@@ -286,7 +286,7 @@ def rank_batches(datamodule, examples: list, batch_size: int) -> list[dict]:
     """This rank's share of ``examples`` (every ``world``-th), sorted by length, collated."""
     rank, world = rank_world()
     mine = sorted(examples[rank::world], key=lambda e: len(e.input_ids))
-    collate = make_collate(datamodule.tokenizer.pad_token_id)
+    collate = make_collate(datamodule.pad_token_id)
     return [collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
 
 

@@ -29,6 +29,7 @@ SMALL_PAWSX = dict(
 
 def small_pawsx_datamodule(**overrides):
     """A small PAWS-X datamodule on the bundled data (tiny tokenizer); ``overrides`` change its options."""
+    import lightning_modules  # noqa: F401  (registers the tiny backbone's tokenizer)
     from datamodules import PAWSXDataModule
 
     return PAWSXDataModule(**{**SMALL_PAWSX, **overrides})

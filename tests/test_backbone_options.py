@@ -125,3 +125,23 @@ def test_e5_tokenizer_normalises_bundled_text_exactly_like_the_package_table():
     texts = [t for split in ("train", "dev", "test") for t in iter_bundled_texts(split)]
     wrong = [t for t in texts if normalizer.normalize_str(t) != normalise_text(t, table)]
     assert wrong == [], wrong[:3]
+
+
+def test_a_loaded_encoder_keeps_no_view_of_its_weight_file(tmp_path):
+    """A pretrained encoder's weights must live in the process, not in the mapped safetensors file:
+    the file's pages would otherwise count in every stage's resident memory (README, memory)."""
+    import gc
+
+    saved = build_classifier("tiny-random", init_seed=5)
+    saved.save_pretrained(tmp_path / "encoder")
+    load_backbone_tokenizer("tiny-random").save_pretrained(tmp_path / "encoder")
+    weight_files = {str(p.resolve()) for p in (tmp_path / "encoder").glob("*.safetensors")}
+    assert weight_files
+    loaded = build_classifier(str(tmp_path / "encoder"), init_seed=5)
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        mapped = {line.split(maxsplit=5)[-1].strip() for line in maps if len(line.split()) == 6}
+    assert not mapped & weight_files
+    for (name, p), (_, q) in zip(saved.named_parameters(), loaded.named_parameters()):
+        if "classifier" not in name:
+            assert torch.equal(p, q), name

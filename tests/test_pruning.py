@@ -279,7 +279,7 @@ def test_find_subnetworks_writes_contract_and_resumes(tmp_path):
         examples = [e for e in dm.dataset("dev").examples if e.lang == lang_index]
         from datamodules.base import make_collate
 
-        batch = make_collate(dm.tokenizer.pad_token_id)(examples)
+        batch = make_collate(dm.pad_token_id)(examples)
         kept = [t["accuracy"] for t in trace if t["kept"]]
         accuracy = evaluate_accuracy(module.model, module.gates, [batch], torch.as_tensor(mask))
         assert accuracy == pytest.approx(kept[-1] if kept else data["base_accuracy"], abs=1e-9)

@@ -252,3 +252,24 @@ def test_shuffle_seed_changes_batch_order_but_not_the_data_sample(batching):
     assert order_default == order_same  # shuffle_seed None is the data seed: the order before shuffle_seed existed
     assert order_other != order_same
     assert sorted(i for b in order_other for i in b) == sorted(i for b in order_same for i in b)
+
+
+def test_setup_lets_go_of_the_tokenizer_and_loaders_still_pad_with_its_id():
+    """The datamodule drops its tokenizer after tokenizing (memory for the fit), so the loaders must pad
+    with the id they kept, and a split set up later must tokenize exactly as before."""
+    from helpers import small_pawsx_datamodule
+
+    from lightning_modules.backbones import load_backbone_tokenizer
+
+    tok = load_backbone_tokenizer("tiny-random")
+    dm = small_pawsx_datamodule()
+    dm.setup("fit")
+    assert dm._tokenizer is None
+    batch = next(iter(dm.train_dataloader()))
+    padding = batch["attention_mask"] == 0
+    assert padding.any()
+    assert (batch["input_ids"][padding] == tok.pad_token_id).all()
+    test_ids = [e.input_ids for e in dm.dataset("test").examples]
+    texts = [r.texts for r in dm.load_records("test")]
+    assert test_ids == tok([t[0] for t in texts], [t[1] for t in texts], truncation=True,
+                           max_length=dm.max_length)["input_ids"]
