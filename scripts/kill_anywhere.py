@@ -44,15 +44,17 @@ VOLATILE = (
 )
 
 
-def write_study(workdir: Path, root: Path) -> Path:
-    """A study on the tiny random model: every stage, a few batches each."""
+def write_study(workdir: Path, root: Path, k: int = 8, fidelity: dict | None = None, **keys) -> Path:
+    """A study on the tiny random model: every stage, a few batches each. ``k`` sizes the sketches,
+    ``fidelity`` replaces the fidelity stage's sample sizes (None keeps the PAWS-X demo's), ``keys`` set
+    more study keys (seeds, natural_conditions, counterfactual); the study suite writes its studies here too."""
     import yaml
 
     analyze = yaml.safe_load((REPO / "configs/demo/pawsx-analyze.yaml").read_text())
-    analyze["sketch"]["k"] = 8
+    analyze["sketch"]["k"] = k
     analyze["influence"].update(m=10, bootstrap_resamples=50)
-    analyze["fidelity"] = {"n_test": 8, "n_train": 24}
-    analyze["stages"] = ["sketch", "influence", "fidelity", "report"]
+    if fidelity is not None:
+        analyze["fidelity"] = fidelity
     (workdir / "analyze.yaml").write_text(yaml.safe_dump(analyze))
     study = {
         "root": str(root),
@@ -74,7 +76,7 @@ def write_study(workdir: Path, root: Path) -> Path:
             "--trainer.max_epochs=2",
             "--trainer.enable_progress_bar=false",
         ],
-    }
+    } | keys
     path = workdir / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     root, reference = workdir / "runs", workdir / "reference"
     for path in (root, reference):
         shutil.rmtree(path, ignore_errors=True)
-    config = write_study(workdir, root)
+    config = write_study(workdir, root, fidelity={"n_test": 8, "n_train": 24})
     try:
         with open(workdir / "study.log", "w") as log:
             t0 = time.monotonic()

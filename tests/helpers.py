@@ -27,6 +27,18 @@ SMALL_PAWSX = dict(
 )
 
 
+def load_script(name: str):
+    """A script under ``scripts/`` as a module (its dataclasses look their module up in sys.modules)."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def small_pawsx_datamodule(**overrides):
     """A small PAWS-X datamodule on the bundled data (tiny tokenizer); ``overrides`` change its options."""
     import lightning_modules  # noqa: F401  (registers the tiny backbone's tokenizer)

@@ -4,19 +4,14 @@ a stage killed from outside ends the study in one line; a runner killed takes it
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
-from helpers import REPO
+from helpers import load_script
 
-spec = importlib.util.spec_from_file_location("kill_anywhere", REPO / "scripts" / "kill_anywhere.py")
-kill_anywhere = importlib.util.module_from_spec(spec)
-sys.modules["kill_anywhere"] = kill_anywhere  # its dataclasses look their module up there
-spec.loader.exec_module(kill_anywhere)
+kill_anywhere = load_script("kill_anywhere")
 
 
 def test_a_study_killed_in_its_stages_resumes_to_the_outputs_of_one_that_ran_through(tmp_path, capsys):

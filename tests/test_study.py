@@ -16,43 +16,17 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import REPO, cli_env
+from tests.helpers import REPO, cli_env, load_script
 
 STAGES = ["full", "subnetworks", "natural-analysis", "sft", "sft-random0", "sft-analysis",
           "sft-random0-analysis", "report"]
 
 
 def write_study(tmp: Path, root: Path, k: int = 8, **keys) -> Path:
-    """A study on a few batches of the random tiny model; its own analyze config (small sketches);
-    ``keys`` set more study keys (seeds, fidelity_seeds)."""
-    analyze = yaml.safe_load((REPO / "configs/demo/pawsx-analyze.yaml").read_text())
-    analyze["sketch"]["k"] = k
-    analyze["influence"].update(m=10, bootstrap_resamples=50)
-    (tmp / "analyze.yaml").write_text(yaml.safe_dump(analyze))
-    study = {
-        "root": str(root),
-        "full": str(REPO / "configs/demo/pawsx-full.yaml"),
-        "subnetworks": str(REPO / "configs/demo/pawsx-subnetworks.yaml"),
-        "sft": str(REPO / "configs/demo/pawsx-sft.yaml"),
-        "analyze": str(tmp / "analyze.yaml"),
-        "random_seeds": [0],
-        "natural_conditions": ["full", "own", "random0", "as-en"],
-        "sft_conditions": ["own"],
-        "overrides": [
-            "--model.backbone=tiny-random",
-            "--data.init_args.languages=[en, de, ko]",
-            "--data.init_args.train_per_language=48",
-            "--data.init_args.dev_per_language=16",
-            "--data.init_args.test_per_language=12",
-            "--data.init_args.batch_size=8",
-            "--data.init_args.eval_batch_size=16",
-            "--trainer.max_epochs=2",
-            "--trainer.enable_progress_bar=false",
-        ],
-    } | keys
-    path = tmp / "study.yaml"
-    path.write_text(yaml.safe_dump(study))
-    return path
+    """The kill-anywhere script's tiny study with the PAWS-X demo's fidelity sample, a natural condition
+    more (as-en), and ``keys`` setting more study keys (seeds, fidelity_seeds)."""
+    return load_script("kill_anywhere").write_study(
+        tmp, root, k=k, **{"natural_conditions": ["full", "own", "random0", "as-en"]} | keys)
 
 
 def study(config: Path, *args: str, **popen) -> subprocess.Popen:
