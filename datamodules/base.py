@@ -202,15 +202,18 @@ class TaskDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "dev"), "validate": ("dev",), "test": ("test",)}.get(stage or "", ("train", "dev", "test"))
-        for split in wanted:
+        self._tokenize_splits(wanted)
+
+    def dataset(self, split: str) -> ExampleDataset:
+        self._tokenize_splits([split])
+        return self.datasets[split]
+
+    def _tokenize_splits(self, splits) -> None:
+        """Tokenize the splits not yet held, then let go of the tokenizer (the pad id stays)."""
+        for split in splits:
             if split not in self.datasets:
                 self.datasets[split] = ExampleDataset(self.tokenize(self.load_records(split)))
         self.release_tokenizer()
-
-    def dataset(self, split: str) -> ExampleDataset:
-        if split not in self.datasets:
-            self.datasets[split] = ExampleDataset(self.tokenize(self.load_records(split)))
-        return self.datasets[split]
 
     def left_out_indices(self) -> np.ndarray:
         """Training-split indices that ``leave_out`` removes from training (empty without it), sorted."""
