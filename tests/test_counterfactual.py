@@ -196,7 +196,7 @@ def tiny_study(tmp_path_factory):
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(config))
     cfg, base = load_study_config(path)
-    wanted = ["full", "natural-analysis", "without-en", "without-de", "without-random", "counterfactual-analysis"]
+    wanted = ["full", "natural-influence", "natural-analysis", "without-en", "without-de", "without-random", "counterfactual-analysis"]
     assert set(wanted) <= {s.name for s in plan_stages(cfg, base)}
     run_study(str(path), only=wanted)
     return root, path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +19,9 @@ import yaml
 
 from tests.helpers import REPO, cli_env, load_script
 
-STAGES = ["full", "subnetworks", "natural-analysis", "sft", "sft-random0", "sft-analysis",
-          "sft-random0-analysis", "report"]
+# with the fidelity check each analysis takes two processes: <x>-influence, then <x>-analysis
+STAGES = ["full", "subnetworks", "natural-influence", "natural-analysis", "sft", "sft-random0", "sft-influence",
+          "sft-analysis", "sft-random0-influence", "sft-random0-analysis", "report"]
 
 
 def write_study(tmp: Path, root: Path, k: int = 8, **keys) -> Path:
@@ -121,17 +123,36 @@ def test_killed_during_sketching_resumes_to_identical_outputs(finished, tmp_path
     sketches = root / "full" / "sketches"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        if (root / ".study" / "natural-analysis.started.json").exists() and any(sketches.glob("epoch=0/*/*.npy")):
+        if (root / ".study" / "natural-influence.started.json").exists() and any(sketches.glob("epoch=0/*/*.npy")):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the study ended before its sketch stage could be interrupted"
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
-    assert not (root / ".study" / "natural-analysis.json").exists(), "the sketch stage had already finished"
+    assert not (root / ".study" / "natural-influence.json").exists(), "the sketch stage had already finished"
     out = run_study(config)
-    assert "natural-analysis (resuming)" in out
+    assert "natural-influence (resuming)" in out
     assert "full: done" in out and "subnetworks: done" in out
     assert digests(root) == digests(reference)
+
+
+def test_an_analysis_split_over_two_processes_writes_what_one_process_writes(finished, tmp_path):
+    """The study runs fidelity and report in a fresh process (memory); the results must not notice."""
+    root, _, _ = finished
+    first = json.loads((root / ".study" / "natural-influence.json").read_text())["command"]
+    second = json.loads((root / ".study" / "natural-analysis.json").read_text())["command"]
+    steps = [a for a in first + second if a.startswith("--stages=")]
+    assert steps == ["--stages=[sketch, influence]", "--stages=[fidelity, report]"]
+    run = tmp_path / "full"
+    shutil.copytree(root / "full", run, ignore=shutil.ignore_patterns("sketches", "influence", "fidelity", "report"))
+    command = [f"--trainer.default_root_dir={run}" if a.startswith("--trainer.default_root_dir=") else
+               "--stages=[sketch, influence, fidelity, report]" if a.startswith("--stages=") else a for a in first]
+    done = subprocess.run([sys.executable, "-m", "lightning_modules.main", *command], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = {k: v for k, v in digests(tmp_path).items() if "checkpoints" not in k}
+    two = {k: v for k, v in digests(root).items() if k.startswith("full/") and "checkpoints" not in k}
+    assert "full/fidelity/fidelity.json" in one and one == two
 
 
 def test_time_left_is_estimated_per_stage_kind():
@@ -148,7 +169,9 @@ def test_time_left_is_estimated_per_stage_kind():
     assert estimate_seconds_left(remaining, durations) == pytest.approx(expected)
 
 
-SEED_STAGES = [f"seed{s}-{stage}" for s in (0, 1) for stage in STAGES[:-1]] + ["report"]
+# fidelity on seed 0 only: seed 1's analyses each take one process
+SEED_STAGES = ([f"seed0-{stage}" for stage in STAGES[:-1]]
+               + [f"seed1-{stage}" for stage in STAGES[:-1] if not stage.endswith("-influence")] + ["report"])
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +194,7 @@ def test_each_training_seed_runs_the_whole_chain_and_the_front_page_pools_them(t
     # fidelity only where asked; the pooled findings take the margin it measured
     assert (root / "seed0" / "full" / "fidelity" / "fidelity.json").is_file()
     assert not (root / "seed1" / "full" / "fidelity").exists()
+    assert not list((root / ".study").glob("seed1-*-influence.json"))
     front = (root / "report" / "report.md").read_text()
     assert "## What held across seeds" in front and "pooled over 2 seeds" in front
     assert "Subnetworks across seeds" in front and "Jaccard" in front
@@ -222,7 +246,8 @@ def test_a_changed_option_reruns_only_its_dependents(finished, tmp_path):
     out = run_study(config)
     for stage in ("full", "subnetworks", "sft", "sft-random0"):
         assert f"{stage}: done" in out, f"{stage} should not re-run when only the analysis changed"
-    for stage in ("natural-analysis", "sft-analysis", "sft-random0-analysis", "report"):
+    for stage in ("natural-influence", "natural-analysis", "sft-influence", "sft-analysis", "sft-random0-analysis",
+                  "report"):
         assert f"] {stage}" in out and f"{stage}: done" not in out, f"{stage} should re-run"
     sidecar = json.loads((root / "full/sketches/epoch=0/full/train.json").read_text())
     assert sidecar["d"] == 16
