@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .accuracy_stats import majority_rate
 from .atomic import atomic_write
 from .correlations import correlate
 from .masks import name_seed
@@ -158,10 +159,24 @@ class SeedCounterfactual:
     retrained: dict[str, np.ndarray]
     predicted: dict[str, np.ndarray]
     accuracy: dict[str, np.ndarray]
+    not_learned: tuple[str, ...] = ()  # removed sets whose fit does not beat the majority class (did_not_learn)
 
     def excess(self, removed: str) -> np.ndarray:
         """The retraining effect beyond the control's: what *which* examples were removed did."""
         return self.retrained[removed] - self.retrained[CONTROL]
+
+
+def did_not_learn(losses: TestLosses, labels: np.ndarray) -> bool:
+    """Whether a model's test accuracy is at or below the majority-class rate in every test language.
+
+    Why: fine-tuning a small encoder at the demo's learning rate sometimes never leaves the majority class
+    (e5 demo, 1,998 pairs a language: the fits without en and without fr). Such a fit's test loss rises for
+    every language alike; counted as the removed language's effect, it would be the largest effect of all.
+    ``labels`` are the test labels in ``losses``' order."""
+    majority = majority_rate(labels, losses.lang, len(losses.languages))
+    accuracy = [losses.correct[losses.lang == g].mean() for g in range(len(losses.languages))
+                if (losses.lang == g).any()]
+    return bool(accuracy) and all(a <= m for a, m in zip(accuracy, majority[np.isfinite(majority)]))
 
 
 def per_example_effects(full: TestLosses, without: Mapping[str, TestLosses]) -> tuple[dict, dict]:
@@ -182,6 +197,7 @@ class CounterfactualMatrix:
     languages: list[str]
     removed: list[str]
     effects: dict[str, dict[str, PooledEffect]]
+    not_learned: tuple[str, ...] = ()  # removed sets whose fit did not learn in some seed: kept out of the agreement
 
     def cell(self, quantity: str, test_lang: str, removed: str) -> tuple[float, float, float]:
         effect = self.effects[quantity][removed]
@@ -215,7 +231,8 @@ def counterfactual_matrix(seeds: Sequence[SeedCounterfactual], n_resamples: int 
 
             samples = [SeedSample(s.seed, values(s), np.asarray(s.lang)) for s in seeds]
             effects[quantity][r] = pool_seeds(samples, languages, n_resamples, name_seed("counterfactual", quantity, r))
-    return CounterfactualMatrix(list(languages), removed, effects)
+    failed = {r for s in seeds for r in s.not_learned}
+    return CounterfactualMatrix(list(languages), removed, effects, tuple(r for r in removed if r in failed))
 
 
 @dataclass(frozen=True)
@@ -230,6 +247,8 @@ class Agreement:
             its own language is the training language whose removal hurts most (retrained, predicted) and
             whose share of the top-m sets is largest (None without shares).
         above_control: cells whose excess over the control has an interval above zero, of ``n_cells``.
+        excluded: removed sets kept out of every number above because their fit did not learn (a failed
+            control leaves nothing to compare with: no cell is then counted above or below it).
     """
 
     rank_by_test_language: dict[str, float]
@@ -241,6 +260,7 @@ class Agreement:
     above_control: int
     below_control: int
     n_cells: int
+    excluded: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         return {
@@ -253,6 +273,7 @@ class Agreement:
             "above_control": self.above_control,
             "below_control": self.below_control,
             "n_cells": self.n_cells,
+            "excluded": list(self.excluded),
         }
 
 
@@ -260,7 +281,7 @@ def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = 
     """Agreement numbers of the pooled matrix; ``shares`` is the (test, train) language share matrix of
     the top-m sets (the report's, positive sign) in ``matrix.languages`` order, or None."""
     languages = matrix.languages
-    left_out = [r for r in matrix.removed if r != CONTROL]
+    left_out = [r for r in matrix.removed if r != CONTROL and r not in matrix.not_learned]
     retrained, predicted = matrix.grid("retrained", left_out), matrix.grid("predicted", left_out)
     ranks = {t: correlate(predicted[i], retrained[i]).spearman_r for i, t in enumerate(languages)}
     overall = correlate(predicted.ravel(), retrained.ravel())
@@ -277,8 +298,10 @@ def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = 
     above = below = cells = 0
     for t in languages:
         for r in left_out:
-            _, low, high = matrix.cell("excess", t, r)
             cells += 1
+            if CONTROL in matrix.not_learned:
+                continue
+            _, low, high = matrix.cell("excess", t, r)
             above += int(low > 0)
             below += int(high < 0)
     return Agreement(
@@ -292,6 +315,7 @@ def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = 
         above_control=above,
         below_control=below,
         n_cells=cells,
+        excluded=tuple(matrix.not_learned),
     )
 
 
@@ -329,7 +353,17 @@ def describe_agreement(agreement: Agreement, matrix: CounterfactualMatrix) -> st
         f"(retrained) and {own_p} of {n} (predicted)"
     )
     if agreement.own_largest_share is not None:
-        text += f", and its own language has the largest top-m share in {sum(agreement.own_largest_share.values())} of {n}"
-    text += (f"; {agreement.above_control} of {agreement.n_cells} cells hurt more than leaving out as many random "
-             f"examples (interval above the control), {agreement.below_control} less.")
-    return text
+        shares = agreement.own_largest_share
+        text += f", and its own language has the largest top-m share in {sum(shares.values())} of {len(shares)}"
+    if CONTROL in agreement.excluded:
+        text += "; the random control's fit did not learn, so no cell is compared with it"
+    else:
+        text += (f"; {agreement.above_control} of {agreement.n_cells} cells hurt more than leaving out as many random "
+                 f"examples (interval above the control), {agreement.below_control} less")
+    if agreement.excluded:
+        names = ", ".join(f"without {r}" for r in agreement.excluded)
+        seeds = " (in at least one seed)" if n_seeds > 1 else ""
+        text += (f". Left out of these numbers: the fit{'s' if len(agreement.excluded) > 1 else ''} {names}, whose "
+                 f"test accuracy does not beat the majority class in any language{seeds}: a fine-tuning that "
+                 "failed, not an effect of the data left out")
+    return text + "."

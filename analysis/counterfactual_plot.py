@@ -27,22 +27,30 @@ def plot_predicted_vs_retrained(path: str | Path, matrix: CounterfactualMatrix, 
         ax.axhspan(c_low, c_high, color="0.85", zorder=0, label="random control (retrained)")
     ax.axhline(0, color="0.5", lw=0.6)
     ax.axvline(0, color="0.5", lw=0.6)
+    labelled = next((r for r in left_out if r not in matrix.not_learned), left_out[0])  # the legend's marker
     for i, test_lang in enumerate(matrix.languages):
         colour = COLOURS[i % len(COLOURS)]
         for removed in left_out:
             x, x_low, x_high = matrix.cell("predicted", test_lang, removed)
             y, y_low, y_high = matrix.cell("retrained", test_lang, removed)
             own = removed == test_lang
-            ax.errorbar(x, y, xerr=[[x - x_low], [x_high - x]], yerr=[[y - y_low], [y_high - y]], fmt="o",
-                        ms=7 if own else 5, color=colour, mfc=colour if own else "white", mew=1.2, elinewidth=0.8,
-                        capsize=2, label=f"test {test_lang}" if removed == left_out[0] else None, zorder=3)
-            ax.annotate(removed, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7, color=colour)
+            failed = removed in matrix.not_learned
+            ax.errorbar(x, y, xerr=[[x - x_low], [x_high - x]], yerr=[[y - y_low], [y_high - y]],
+                        fmt="x" if failed else "o", ms=7 if own else 5, color=colour, alpha=0.35 if failed else 1.0,
+                        mfc=colour if own else "white", mew=1.2, elinewidth=0.8, capsize=2,
+                        label=f"test {test_lang}" if removed == labelled else None, zorder=3)
+            ax.annotate(removed + (" (fit did not learn)" if failed and i == 0 else ""), (x, y), xytext=(4, 3),
+                        textcoords="offset points", fontsize=7, color=colour)
     ax.set_xlabel("TracIn's predicted change of mean test loss (first order)")
     ax.set_ylabel("retrained change of mean test loss")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="best")
-    fig.text(0.01, -0.01, "each point: test language (colour) × training language left out (label); filled: its own "
-             "language; bars: 95 % intervals", fontsize=7, ha="left", va="top")
+    note = ("each point: test language (colour) × training language left out (label); filled: its own language; "
+            "bars: 95 % intervals")
+    if matrix.not_learned:
+        note += (f"\nfaint crosses: fits that did not beat the majority class ({', '.join(matrix.not_learned)}), "
+                 "kept out of the agreement numbers")
+    fig.text(0.01, -0.01, note, fontsize=7, ha="left", va="top")
     return _save(fig, path)
 
 

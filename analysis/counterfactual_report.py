@@ -27,7 +27,8 @@ RUN_FOLDER = "counterfactual"  # under the analysed (full fine-tuning) run
 
 def write_effects(path: Path, seed: SeedCounterfactual) -> Path:
     arrays = {"lang": seed.lang.astype(np.int64), "languages": np.array(seed.languages, dtype=np.str_),
-              "removed": np.array(list(seed.retrained), dtype=np.str_)}
+              "removed": np.array(list(seed.retrained), dtype=np.str_),
+              "not_learned": np.array(list(seed.not_learned), dtype=np.str_)}
     for r in seed.retrained:
         arrays[f"retrained_{r}"], arrays[f"predicted_{r}"] = seed.retrained[r], seed.predicted[r]
         arrays[f"accuracy_{r}"] = seed.accuracy[r]
@@ -44,7 +45,8 @@ def load_effects(path: Path, seed: int) -> SeedCounterfactual:
             return SeedCounterfactual(seed, [str(x) for x in f["languages"]], f["lang"],
                                       {r: f[f"retrained_{r}"] for r in removed},
                                       {r: f[f"predicted_{r}"] for r in removed},
-                                      {r: f[f"accuracy_{r}"] for r in removed})
+                                      {r: f[f"accuracy_{r}"] for r in removed},
+                                      tuple(str(x) for x in f["not_learned"]) if "not_learned" in f.files else ())
     except (OSError, ValueError, KeyError) as err:
         raise CounterfactualError(f"{path}: not a readable counterfactual effects file ({err})") from None
 

@@ -19,11 +19,15 @@ from analysis.counterfactual import (
     CONTROL,
     CounterfactualError,
     SeedCounterfactual,
+    TestLosses,
     checkpoint_weights,
     counterfactual_matrix,
+    describe_agreement,
+    did_not_learn,
     load_test_losses,
     measure_agreement,
 )
+from analysis.counterfactual_report import load_effects, write_effects
 from callbacks.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
 from datamodules import DataError
 from tests.helpers import REPO, small_pawsx_datamodule
@@ -165,6 +169,61 @@ def test_no_language_effect_is_not_called_above_the_control():
     assert agreement.own_largest_share is None
 
 
+def test_a_model_that_only_predicts_the_majority_class_did_not_learn():
+    rng = np.random.default_rng(7)
+    lang = np.repeat(np.arange(len(LANGS)), 40)
+    labels = (rng.random(lang.size) < np.where(lang == 1, 0.7, 0.35)).astype(np.int64)  # de's majority is 1
+    majority_label = np.array([np.bincount(labels[lang == g]).argmax() for g in range(len(LANGS))])
+
+    def model(correct: np.ndarray) -> TestLosses:
+        return TestLosses(LANGS, np.arange(lang.size), lang, rng.random(lang.size), correct, "m")
+
+    constant = labels == majority_label[lang]  # always answering each language's majority label
+    assert did_not_learn(model(constant), labels)
+    assert did_not_learn(model(~np.ones(lang.size, dtype=bool)), labels)  # worse than it, too
+    better = constant.copy()
+    better[np.flatnonzero((lang == 2) & ~constant)[0]] = True  # one more right answer, in one language
+    assert not did_not_learn(model(better), labels)
+
+
+def without_removed(seed: SeedCounterfactual, removed: str) -> SeedCounterfactual:
+    keep = [r for r in seed.retrained if r != removed]
+    return SeedCounterfactual(seed.seed, seed.languages, seed.lang, {r: seed.retrained[r] for r in keep},
+                              {r: seed.predicted[r] for r in keep}, {r: seed.accuracy[r] for r in keep})
+
+
+def test_a_leave_out_fit_that_did_not_learn_is_kept_out_of_the_agreement(tmp_path):
+    seeds = []
+    for s in range(2):
+        seed = synthetic_seed(s, own=0.4)
+        seed.retrained["de"] += 0.8  # a collapsed fit: every test language's loss rises alike
+        seeds.append(SeedCounterfactual(*[getattr(seed, k) for k in ("seed", "languages", "lang", "retrained",
+                                                                     "predicted", "accuracy")],
+                                        not_learned=("de",) if s == 1 else ()))
+    # the effects file keeps which fits failed
+    assert load_effects(write_effects(tmp_path / "effects.npz", seeds[1]), 1).not_learned == ("de",)
+    flagged = measure_agreement(counterfactual_matrix(seeds, n_resamples=200))
+    reference = measure_agreement(counterfactual_matrix([without_removed(s, "de") for s in seeds], n_resamples=200))
+    assert flagged.excluded == ("de",) and flagged.n_cells == 6
+    for key in ("rank_by_test_language", "cells", "sign_agreement", "own_largest_retrained", "own_largest_predicted",
+                "above_control", "below_control", "n_cells"):
+        assert json.dumps(flagged.as_dict()[key]) == json.dumps(reference.as_dict()[key]), key  # NaN == NaN
+    unflagged = measure_agreement(counterfactual_matrix([without_removed(s, "none") for s in seeds], n_resamples=200))
+    assert unflagged.own_largest_retrained["en"] is False  # what the collapsed fit would have claimed
+    sentence = describe_agreement(flagged, counterfactual_matrix(seeds, n_resamples=200))
+    assert "without de" in sentence and "in at least one seed" in sentence
+
+
+def test_a_control_that_did_not_learn_is_compared_with_nothing():
+    seeds = [synthetic_seed(0, own=0.4)]
+    seeds = [SeedCounterfactual(*[getattr(seeds[0], k) for k in ("seed", "languages", "lang", "retrained",
+                                                                  "predicted", "accuracy")], not_learned=(CONTROL,))]
+    matrix = counterfactual_matrix(seeds, n_resamples=200)
+    agreement = measure_agreement(matrix)
+    assert agreement.above_control == 0 and agreement.below_control == 0 and agreement.n_cells == 9
+    assert "no cell is compared with it" in describe_agreement(agreement, matrix)
+
+
 # -- the stage on a tiny study ----------------------------------------------------------------------
 
 
@@ -267,7 +326,10 @@ def test_retrained_effect_is_the_leave_out_fits_loss_minus_the_full_runs(tiny_st
     # the fits differ: a model trained without a language is another model
     assert not np.allclose(effects["retrained_en"], 0)
     summary = json.loads((out / "counterfactual.json").read_text())
-    assert summary["n_cells"] == len(LANGS) * len(LEFT_OUT) and "Counterfactual check" in summary["sentence"]
+    # the tiny model may not beat the majority class: such fits leave the numbers (did_not_learn, tested above)
+    assert set(summary["excluded"]) <= {*LEFT_OUT, CONTROL}
+    assert summary["n_cells"] == len(LANGS) * len(set(LEFT_OUT) - set(summary["excluded"]))
+    assert "Counterfactual check" in summary["sentence"]
     assert summary["prediction"]["epochs"] == [1]
     for figure in ("predicted_vs_retrained.png", "counterfactual_matrices.png"):
         assert (out / figure).stat().st_size > 10_000

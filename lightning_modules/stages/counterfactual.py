@@ -27,6 +27,7 @@ from analysis.counterfactual import (
     SeedCounterfactual,
     TestLosses,
     checkpoint_weights,
+    did_not_learn,
     language_mean_gradients,
     load_test_losses,
     per_example_effects,
@@ -238,6 +239,12 @@ def predicted_effects(run_dir: Path, datamodule, condition: str, removed: list[s
     return predicted, record
 
 
+def labels_of_test_split(datamodule) -> np.ndarray:
+    """The test examples' labels in test-index order (the order of every ``TestLosses``)."""
+    examples = sorted(datamodule.dataset("test").examples, key=lambda e: e.index)
+    return np.array([e.record.label for e in examples], dtype=np.int64)
+
+
 def check_counterfactual(module, datamodule, run_dir: Path, options: CounterfactualOptions) -> Path:
     """Retrained vs predicted effect of leaving out each training language; returns ``<run>/counterfactual``."""
     run_dir = Path(run_dir)
@@ -257,8 +264,13 @@ def check_counterfactual(module, datamodule, run_dir: Path, options: Counterfact
     retrained, accuracy = per_example_effects(full, without)
     if not np.array_equal(full.test_index, test_index):
         raise CounterfactualError(f"{out / 'losses' / 'full.npz'}: holds other test examples than the data module's")
+    labels = labels_of_test_split(datamodule)
+    failed = tuple(r for r in removed if did_not_learn(without[r], labels))
+    for r in failed:
+        print(f"  counterfactual: {runs[r]} does not beat the majority class on test in any language; "
+              "its cells are kept out of the agreement numbers", flush=True)
     seed = SeedCounterfactual(int(_read_config(run_dir).get("seed_everything") or 0), full.languages, full.lang,
-                              retrained, predicted, accuracy)
+                              retrained, predicted, accuracy, failed)
     write_effects(out / EFFECTS_FILE, seed)
     shares = positive_shares(run_dir, full.languages, options.condition)
     summary = write_counterfactual_outputs(out, [seed], shares, options.bootstrap_resamples,
