@@ -174,9 +174,8 @@ def did_not_learn(losses: TestLosses, labels: np.ndarray) -> bool:
     every language alike; counted as the removed language's effect, it would be the largest effect of all.
     ``labels`` are the test labels in ``losses``' order."""
     majority = majority_rate(labels, losses.lang, len(losses.languages))
-    accuracy = [losses.correct[losses.lang == g].mean() for g in range(len(losses.languages))
-                if (losses.lang == g).any()]
-    return bool(accuracy) and all(a <= m for a, m in zip(accuracy, majority[np.isfinite(majority)]))
+    present = np.flatnonzero(np.isfinite(majority))  # languages with test examples
+    return present.size > 0 and all(losses.correct[losses.lang == g].mean() <= majority[g] for g in present)
 
 
 def per_example_effects(full: TestLosses, without: Mapping[str, TestLosses]) -> tuple[dict, dict]:
@@ -295,15 +294,13 @@ def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = 
                 out[t] = bool(columns[int(np.nanargmax(grid[i]))] == t)
         return out
 
-    above = below = cells = 0
-    for t in languages:
-        for r in left_out:
-            cells += 1
-            if CONTROL in matrix.not_learned:
-                continue
-            _, low, high = matrix.cell("excess", t, r)
-            above += int(low > 0)
-            below += int(high < 0)
+    above = below = 0
+    if CONTROL not in matrix.not_learned:  # a control that did not learn measures nothing to exceed
+        for t in languages:
+            for r in left_out:
+                _, low, high = matrix.cell("excess", t, r)
+                above += int(low > 0)
+                below += int(high < 0)
     return Agreement(
         rank_by_test_language={t: float(v) for t, v in ranks.items()},
         cells={"pearson_r": overall.pearson_r, "pearson_p": overall.pearson_p,
@@ -314,7 +311,7 @@ def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = 
         own_largest_share=None if shares is None else own_largest(np.asarray(shares, dtype=np.float64), languages),
         above_control=above,
         below_control=below,
-        n_cells=cells,
+        n_cells=len(languages) * len(left_out),
         excluded=tuple(matrix.not_learned),
     )
 

@@ -148,14 +148,12 @@ def training_seed_args(seed: int) -> list[str]:
     return [f"--seed_everything={seed}", f"--model.init_seed={seed}", f"--data.init_args.shuffle_seed={seed}"]
 
 
-# what each analysis step writes in its run, removed when the step's inputs change
+# what each analysis step writes in its run, removed when the step's inputs change; the fidelity check
+# measures the sketch's share error, which the report then keeps out of the changes it marks
 STEP_OUTPUTS = {"sketch": "sketches", "influence": "influence", "fidelity": "fidelity", "report": "report"}
-# every analysis of a study: the fidelity check measures the sketch's share error, which the report
-# then keeps out of the changes it marks
-ANALYSIS_STAGES = tuple(STEP_OUTPUTS)
 
 
-def analysis_outputs(run: Path, steps=ANALYSIS_STAGES) -> list[Path]:
+def analysis_outputs(run: Path, steps: tuple[str, ...]) -> list[Path]:
     return [run / STEP_OUTPUTS[step] for step in steps]
 
 

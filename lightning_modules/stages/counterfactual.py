@@ -239,10 +239,11 @@ def predicted_effects(run_dir: Path, datamodule, condition: str, removed: list[s
     return predicted, record
 
 
-def labels_of_test_split(datamodule) -> np.ndarray:
-    """The test examples' labels in test-index order (the order of every ``TestLosses``)."""
+def sorted_test_split(datamodule) -> tuple[np.ndarray, np.ndarray]:
+    """The test examples' indices and labels in test-index order (the order of every ``TestLosses``)."""
     examples = sorted(datamodule.dataset("test").examples, key=lambda e: e.index)
-    return np.array([e.record.label for e in examples], dtype=np.int64)
+    return (np.array([e.index for e in examples], dtype=np.int64),
+            np.array([e.record.label for e in examples], dtype=np.int64))
 
 
 def check_counterfactual(module, datamodule, run_dir: Path, options: CounterfactualOptions) -> Path:
@@ -256,7 +257,7 @@ def check_counterfactual(module, datamodule, run_dir: Path, options: Counterfact
     for r, run in runs.items():
         check_leave_out_run(run_dir, run, r)
     # the prediction first: it needs only the analysis's files, which may be missing
-    test_index = np.sort(np.array([e.index for e in datamodule.dataset("test").examples], dtype=np.int64))
+    test_index, labels = sorted_test_split(datamodule)
     predicted, record = predicted_effects(run_dir, datamodule, options.condition, removed, test_index)
     full = cached_test_losses(module, datamodule, final_checkpoint(run_dir, None), out / "losses" / "full.npz")
     without = {r: cached_test_losses(module, datamodule, checkpoints[r], out / "losses" / f"{removed_run_name(r)}.npz")
@@ -264,7 +265,6 @@ def check_counterfactual(module, datamodule, run_dir: Path, options: Counterfact
     retrained, accuracy = per_example_effects(full, without)
     if not np.array_equal(full.test_index, test_index):
         raise CounterfactualError(f"{out / 'losses' / 'full.npz'}: holds other test examples than the data module's")
-    labels = labels_of_test_split(datamodule)
     failed = tuple(r for r in removed if did_not_learn(without[r], labels))
     for r in failed:
         print(f"  counterfactual: {runs[r]} does not beat the majority class on test in any language; "
