@@ -19,7 +19,7 @@ import yaml
 
 from tests.helpers import REPO, cli_env, load_script
 
-# with the fidelity check each analysis takes two processes: <x>-influence, then <x>-analysis
+# each analysis takes two processes: <x>-influence (sketch, influence), then <x>-analysis ((fidelity,) report)
 STAGES = ["full", "subnetworks", "natural-influence", "natural-analysis", "sft", "sft-random0", "sft-influence",
           "sft-analysis", "sft-random0-influence", "sft-random0-analysis", "report"]
 
@@ -169,9 +169,7 @@ def test_time_left_is_estimated_per_stage_kind():
     assert estimate_seconds_left(remaining, durations) == pytest.approx(expected)
 
 
-# fidelity on seed 0 only: seed 1's analyses each take one process
-SEED_STAGES = ([f"seed0-{stage}" for stage in STAGES[:-1]]
-               + [f"seed1-{stage}" for stage in STAGES[:-1] if not stage.endswith("-influence")] + ["report"])
+SEED_STAGES = [f"seed{seed}-{stage}" for seed in (0, 1) for stage in STAGES[:-1]] + ["report"]
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +192,9 @@ def test_each_training_seed_runs_the_whole_chain_and_the_front_page_pools_them(t
     # fidelity only where asked; the pooled findings take the margin it measured
     assert (root / "seed0" / "full" / "fidelity" / "fidelity.json").is_file()
     assert not (root / "seed1" / "full" / "fidelity").exists()
-    assert not list((root / ".study").glob("seed1-*-influence.json"))
+    for seed, second in ((0, "[fidelity, report]"), (1, "[report]")):
+        command = json.loads((root / ".study" / f"seed{seed}-natural-analysis.json").read_text())["command"]
+        assert f"--stages={second}" in command, (seed, command)
     front = (root / "report" / "report.md").read_text()
     assert "## What held across seeds" in front and "pooled over 2 seeds" in front
     assert "Subnetworks across seeds" in front and "Jaccard" in front
