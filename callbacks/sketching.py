@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import astuple, dataclass
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.masks import name_seed
+from lightning_modules.precision import bf16_cost_warning, native_bf16_on
 
 # Identifies how the random matrices are drawn; recorded in every sidecar.
 GENERATOR = "numpy-pcg64-standard_normal-float64"
@@ -71,8 +73,8 @@ class SketchOptions:
             is faster; the values do not depend on this choice beyond rounding).
         precision: the model's matmuls while sketching: ``32`` (float32 throughout), ``bf16`` (the
             forward and backward under bfloat16 autocast, projections accumulated in float32) or
-            ``auto`` (bf16 where the device multiplies bfloat16 natively: CUDA with bf16, CPUs with
-            AVX-512; else 32). On 2 AVX-512 cores bf16 sketches e5-small about 2.7 x faster with
+            ``auto`` (bf16 where the device multiplies bfloat16 natively: CUDA of compute capability 8+,
+            CPUs with AVX-512 BF16 or AMX; else 32; the Trainer's ``precision: auto`` decides alike). On 2 AVX-512 cores bf16 sketches e5-small about 2.7 x faster with
             sketches at cosine > 0.9999 to float32 ones and the same recall of exact top sets (README).
             ``exact`` gradients are always float32.
     """
@@ -122,22 +124,21 @@ class SketchOptions:
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``32`` or ``bf16``: what ``auto`` means on this device (see ``SketchOptions.precision``)."""
-    if precision != "auto":
-        return precision
-    return _native_precision(torch.device(device).type)
+    """``32`` or ``bf16``: what ``auto`` means on this device (see ``SketchOptions.precision``), decided
+    as the Trainer's ``precision: auto`` is (``lightning_modules/precision.py``). ``bf16`` asked for where
+    bfloat16 is emulated stays, with a warning naming the cost."""
+    device_type = torch.device(device).type
+    native, reason = native_bf16_on(device_type)
+    if precision == "auto":
+        return "bf16" if native else "32"
+    if precision == "bf16" and not native:
+        _warn_emulated(device_type, reason)
+    return precision
 
 
-@functools.cache  # asked once per device type, not once per batch
-def _native_precision(device_type: str) -> str:
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "32"
-    if device_type == "cpu":
-        try:  # oneDNN's own test for native bfloat16 matmuls (AVX-512 and newer)
-            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32"
-        except (AttributeError, RuntimeError):
-            return "32"
-    return "32"
+@functools.cache  # once per process and device type, not once per batch
+def _warn_emulated(device_type: str, reason: str) -> None:
+    warnings.warn(bf16_cost_warning("sketch precision bf16", reason), stacklevel=3)
 
 
 def autocast_for(precision: str, device: torch.device | str):

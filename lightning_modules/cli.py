@@ -27,6 +27,7 @@ from datamodules import TaskDataModule
 from .classifier import SequenceClassifier
 from .explain import example_texts, print_explanation
 from .heap import release_freed_memory
+from .precision import PrecisionChoice, accelerator_device_type, resolve_trainer_precision
 from .stages import ANALYZE_STAGES, AnalyzeRequest, CounterfactualOptions, run_subnetworks
 
 
@@ -63,11 +64,16 @@ class CrosslingTrainer(Trainer):
         wandb_mode: ``offline`` (no network; sync later with ``wandb sync``) or ``online``.
         keep_last_checkpoint: keep ``checkpoints/last.ckpt`` (weights and optimizer state) after the fit
             ends, to train on later with ``--ckpt_path``; by default only an unfinished fit keeps it.
+        precision: Lightning's precision (``32-true``, ``bf16-mixed``, ...) or ``auto``: ``bf16-mixed`` where
+            the device multiplies bfloat16 natively (CUDA of compute capability 8+, CPUs with AVX-512 BF16 or
+            AMX), ``32-true`` elsewhere (``lightning_modules/precision.py``). The run's ``config.yaml``
+            records what it resolved to, and the log says why.
     """
 
     def __init__(
         self,
         *args,
+        precision: str | int | None = None,
         wandb: bool = False,
         wandb_project: str = "crossling",
         wandb_mode: Literal["offline", "online"] = "offline",
@@ -93,7 +99,12 @@ class CrosslingTrainer(Trainer):
         if not any(isinstance(c, EpochCheckpoint) for c in callbacks):
             callbacks.append(EpochCheckpoint(keep_last=keep_last_checkpoint))
         kwargs["callbacks"] = callbacks
-        super().__init__(*args, **kwargs)
+        self.precision_choice: PrecisionChoice = resolve_trainer_precision(
+            precision, accelerator_device_type(kwargs.get("accelerator", "auto"))
+        )
+        super().__init__(*args, precision=self.precision_choice.precision, **kwargs)
+        if self.is_global_zero:
+            print(f"crossling: {self.precision_choice.describe()}", flush=True)
 
     def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None, **kwargs):
         for logger in self.loggers:
@@ -185,6 +196,10 @@ class RunDirConfig(SaveConfigCallback):
                 # what the run is, not how this process got there: a fit resumed from last.ckpt writes the
                 # config of the fit that ran through (last.ckpt is gone once the fit has ended)
                 config.ckpt_path = None
+            # what it ran in, not what it asked for: "auto" resolves by the machine (Trainer.precision_choice)
+            choice = getattr(trainer, "precision_choice", None)
+            if choice is not None and "trainer" in config:
+                config.trainer.precision = choice.precision
             self.parser.save(config, str(root / self.config_filename), skip_none=False, overwrite=True,
                              multifile=False)
             write_backbone_record(root, pl_module)

@@ -51,10 +51,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from datamodules import DataError
 
     from .e5_file import E5FileError
+    from .precision import PrecisionError
+    from .study import StudyConfigError
 
     return (
         DataError, CheckpointError, MaskError, SketchError, InfluenceError, FidelityError, ProjectionErrorFileError,
-        FileNotFoundError, E5FileError, CounterfactualError, DiskFullError,
+        FileNotFoundError, E5FileError, CounterfactualError, DiskFullError, PrecisionError,
+        StudyConfigError,
     )
 
 
