@@ -71,10 +71,26 @@ class PooledFinding:
         return self.effect.marked(self.margin)
 
 
+SEED_PROGRESS = Path(".study") / "seeds.json"  # written by the study runner as each seed's chain finishes
+
+
+def seed_progress(root: Path) -> tuple[list[int], list[int]] | None:
+    """(finished, planned) training seeds of a study of several seeds that the runner is working on or
+    has run; None where the runner left no record (a one-seed study, a copied folder)."""
+    path = Path(root) / SEED_PROGRESS
+    try:
+        record = json.loads(path.read_text())
+        return [int(s) for s in record["finished"]], [int(s) for s in record["planned"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def seed_roots(root: Path) -> dict[int, Path]:
     """Training seed -> the folder holding that seed's runs (``full``, ``sft``, ...).
 
-    A one-seed study keeps its runs at the root; its seed is read from the full run's config.
+    A one-seed study keeps its runs at the root; its seed is read from the full run's config. While a
+    study of several seeds runs, only the seeds whose whole chain has finished count (``seed_progress``):
+    a seed half-way through would pool its natural analysis with other seeds' SFT.
     """
     root = Path(root)
     found = {}
@@ -82,6 +98,9 @@ def seed_roots(root: Path) -> dict[int, Path]:
         if (m := re.fullmatch(r"seed(\d+)", path.name)) and (path / "full").is_dir():
             found[int(m.group(1))] = path
     if found:
+        progress = seed_progress(root)
+        if progress is not None:
+            found = {seed: path for seed, path in found.items() if seed in progress[0]}
         return dict(sorted(found.items()))
     if (root / "full").is_dir():
         return {training_seed(root / "full"): root}

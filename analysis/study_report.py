@@ -21,7 +21,7 @@ from .counterfactual_report import counterfactual_section
 from .report.render import MAX_TABLE_ROWS, markdown_table, read_csv
 from .study_findings import study_findings
 from .study_pooled import describe, pooled_rows, pooled_table, seed_roots
-from .study_summary import pooled_findings, stability_sentence, study_summary
+from .study_summary import interim_sentence, pooled_findings, stability_sentence, study_summary
 
 # The paper's order of results; items without a paper number come last.
 PAPER_ORDER = ["Table 1", "Fig 12", "Fig 13", "Fig 14", "Fig 15", "Fig 11", "Fig 2", "Fig 3", "Table 2", "Fig 4",
@@ -139,7 +139,7 @@ def write_study_report(root: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     roots = seed_roots(root)
     several = len(roots) > 1
-    first = roots[min(roots)] if roots else root
+    first = roots[min(roots)] if roots else root  # a study of several seeds with one finished: seed<s>/
     runs = _runs(first)
     items, seen = [], set()
     for run in runs:
@@ -153,21 +153,23 @@ def write_study_report(root: Path) -> Path:
     items.sort(key=_paper_rank)
     dynamics = [row for run in runs for row in _read_dynamics(run)]
     has_dynamics = plot_dynamics(dynamics, out / "dynamics_across_runs.png")
-    prefix = f"{first.relative_to(root)}/" if several else ""
+    prefix = f"{first.relative_to(root)}/" if first != root else ""
 
     md = [f"# crossling study: {root.name}", ""]
+    if sentence := interim_sentence(root):
+        md += [f"**{sentence}**", ""]
     findings = pooled_findings(root) if several else None
     if several:
         md += write_seed_pooling(root, out, findings)
     else:
-        findings = study_findings(root)
+        findings = study_findings(first)
         if findings:
             md += ["## What this study found", "", *(f"- {f}" for f in findings), ""]
     md += counterfactual_section(roots or {0: root}, out / "counterfactual")
     md += ["```", study_summary(root, findings), "```", ""]
-    for seed, path in (roots.items() if several else [(None, root)]):
+    for seed, path in (roots.items() if several else [(None, first)]):
         label = f"Seed {seed} per-run reports: " if several else "Per-run reports: "
-        rel = f"{path.relative_to(root)}/" if several else ""
+        rel = f"{path.relative_to(root)}/" if path != root else ""
         md += [label + ", ".join(f"[{r.name}](../{rel}{r.name}/report/report.html)" for r in _runs(path)), ""]
     if several:
         md += [f"The sections below are seed {min(roots)}'s runs; the other seeds' are in their reports.", ""]

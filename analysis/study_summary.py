@@ -12,7 +12,15 @@ from tabulate import tabulate
 
 from .report.render import format_cell
 from .study_findings import study_findings
-from .study_pooled import PooledFinding, describe, pooled_accuracy, pooled_influence, pooled_table, seed_roots
+from .study_pooled import (
+    PooledFinding,
+    describe,
+    pooled_accuracy,
+    pooled_influence,
+    pooled_table,
+    seed_progress,
+    seed_roots,
+)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -119,6 +127,19 @@ def seed_summary(root: Path, heading: str = "") -> list[str]:
     return parts
 
 
+def interim_sentence(root: Path) -> str | None:
+    """"Seed 1 of 3 so far" while a study of several seeds runs; None once every planned seed finished."""
+    progress = seed_progress(root)
+    if progress is None:
+        return None
+    finished, planned = progress
+    if set(planned) <= set(finished):
+        return None
+    return (f"Interim: seed {len(finished)} of {len(planned)} so far (finished: {', '.join(map(str, finished))}; "
+            f"still running: {', '.join(str(s) for s in planned if s not in finished)}). This page is written again "
+            "as each seed finishes; the findings below pool the finished seeds only.")
+
+
 def pooled_findings(root: Path) -> list[PooledFinding]:
     """The pooled answer of every question the seeds' files answer (empty for a one-seed study)."""
     if len(seed_roots(root)) < 2:
@@ -158,8 +179,11 @@ def study_summary(root: Path, findings: list[PooledFinding] | None = None) -> st
     root = Path(root)
     roots = seed_roots(root)
     parts = ["=" * 72, f"crossling study summary — {root}", "=" * 72]
+    if sentence := interim_sentence(root):
+        parts += [sentence, ""]
     if len(roots) < 2:
-        parts += seed_summary(root)
+        only = roots[min(roots)] if roots else root
+        parts += seed_summary(only, f" (seed {min(roots)})" if only != root else "")
     else:
         parts += [f"Training seeds: {', '.join(map(str, roots))} (the same data sample; each seed its own "
                   "fine-tuning, subnetworks, SFT and analyses).", "",

@@ -25,6 +25,10 @@ from analysis.atomic import remove_temporaries
 from analysis.atomic import write_json_atomic as _write_json
 
 
+class StudyConfigError(ValueError):
+    """A study config that cannot be run: one line naming the file and the key or line (exit 2)."""
+
+
 @dataclass
 class StudyConfig:
     """What a study runs. Config paths are relative to the study config's folder.
@@ -76,6 +80,7 @@ class Stage:
     depends: list[str]
     resume_fit: Path | None = None  # run dir of a fit stage (resumes from checkpoints/last.ckpt)
     outputs: list[Path] = field(default_factory=list)  # stale when the stage's inputs change
+    seed: int | None = None  # the training seed whose chain it belongs to (None: the study's front page)
 
 
 def stage_folder(stage: Stage) -> Path:
@@ -92,11 +97,20 @@ def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"study config not found: {path}")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise StudyConfigError(f"{path}: {where}not valid YAML ({problem})") from None
+    if not isinstance(raw, dict):
+        raise StudyConfigError(f"{path}: expected a mapping of study keys (root, full, seeds, ...), "
+                               f"found a {type(raw).__name__}")
     known = set(StudyConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        raise StudyConfigError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
     cfg = StudyConfig(**raw)
     check_seeds(cfg, path)
     check_counterfactual_languages(cfg, path)
@@ -111,11 +125,11 @@ def check_counterfactual_languages(cfg: StudyConfig, path: Path) -> None:
         return
     if not isinstance(langs, list) or not langs or not all(isinstance(x, str) and x for x in langs) \
             or len(set(langs)) != len(langs) or "random" in langs:
-        raise ValueError(f"{path}: key 'counterfactual': expected a non-empty list of distinct training language "
+        raise StudyConfigError(f"{path}: key 'counterfactual': expected a non-empty list of distinct training language "
                          f"codes (the random control is added by itself), found {langs!r}")
     chosen = cfg.counterfactual_seeds
     if chosen is not None and (not isinstance(chosen, list) or not chosen or any(s not in cfg.seeds for s in chosen)):
-        raise ValueError(f"{path}: key 'counterfactual_seeds': expected a non-empty list of the study's seeds "
+        raise StudyConfigError(f"{path}: key 'counterfactual_seeds': expected a non-empty list of the study's seeds "
                          f"{cfg.seeds}, found {chosen!r}")
 
 
@@ -125,17 +139,17 @@ def check_seeds(cfg: StudyConfig, path: Path) -> None:
         seeds = getattr(cfg, key)
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                                  for s in seeds):
-            raise ValueError(f"{path}: key '{key}': expected a non-empty list of integers, found {seeds!r}")
+            raise StudyConfigError(f"{path}: key '{key}': expected a non-empty list of integers, found {seeds!r}")
         repeated = sorted({s for s in seeds if seeds.count(s) > 1})
         if repeated:
-            raise ValueError(f"{path}: key '{key}': seed(s) {repeated} repeated in {seeds}; each seed is one run")
+            raise StudyConfigError(f"{path}: key '{key}': seed(s) {repeated} repeated in {seeds}; each seed is one run")
     if cfg.fidelity_seeds is not None:
         if not isinstance(cfg.fidelity_seeds, list) or not cfg.fidelity_seeds:
-            raise ValueError(f"{path}: key 'fidelity_seeds': expected a non-empty list of seeds or null, "
+            raise StudyConfigError(f"{path}: key 'fidelity_seeds': expected a non-empty list of seeds or null, "
                              f"found {cfg.fidelity_seeds!r}")
         unknown = [s for s in cfg.fidelity_seeds if s not in cfg.seeds]
         if unknown:
-            raise ValueError(f"{path}: key 'fidelity_seeds': {unknown} not among the study's seeds {cfg.seeds}")
+            raise StudyConfigError(f"{path}: key 'fidelity_seeds': {unknown} not among the study's seeds {cfg.seeds}")
 
 
 def seed_root(root: Path, cfg: StudyConfig, seed: int) -> Path:
@@ -176,7 +190,10 @@ def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
     for seed in cfg.seeds:
         prefix = "" if len(cfg.seeds) == 1 else f"seed{seed}-"
         with_fidelity = cfg.fidelity_seeds is None or seed in cfg.fidelity_seeds
-        stages += plan_seed_stages(cfg, base, seed_root(root, cfg, seed), seed, prefix, with_fidelity)
+        chain = plan_seed_stages(cfg, base, seed_root(root, cfg, seed), seed, prefix, with_fidelity)
+        for stage in chain:
+            stage.seed = seed
+        stages += chain
     stages.append(Stage("report", ["report", str(root)], [s.name for s in stages if s.name.endswith("analysis")]))
     return stages
 
@@ -316,12 +333,13 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
     stages = plan_stages(cfg, base)
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
-        raise ValueError(f"--from {from_stage!r}: expected one of {names}")
+        raise StudyConfigError(f"--from {from_stage!r}: expected one of {names}")
     markers = root / ".study"
     fingerprints: dict[str, str] = {}
     force = False
     started = time.monotonic()
     durations: dict[str, list[float]] = {}  # stage kind -> seconds of finished stages of that kind
+    seed_progress = SeedProgress(root, stages, cfg.seeds)
     for number, stage in enumerate(stages, start=1):
         force = force or stage.name == from_stage
         fp = stage_fingerprint(stage, fingerprints)
@@ -331,6 +349,7 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
             print(f"[{number}/{len(stages)}] {stage.name}: done ({_fmt(marker.get('seconds', 0))}), skipped", flush=True)
             if marker.get("seconds"):
                 durations.setdefault(stage.command[0], []).append(marker["seconds"])
+            seed_progress.stage_done(stage, ran=False)
             continue
         if only and stage.name not in only:
             continue
@@ -368,8 +387,43 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
         _write_json(markers / f"{stage.name}.json",
                     {"fingerprint": fp, "seconds": seconds, "command": command, **record})
         (markers / f"{stage.name}.started.json").unlink(missing_ok=True)
+        seed_progress.stage_done(stage, ran=True)
     print_summary(root)
     return root
+
+
+class SeedProgress:
+    """Which training seeds' chains have finished, in ``<root>/.study/seeds.json`` (the front page pools
+    only those), and the front page written as each seed finishes while others are still to run, so that
+    the first findings exist after one seed instead of after all of them."""
+
+    def __init__(self, root: Path, stages: list[Stage], seeds: list[int]):
+        from analysis.study_pooled import SEED_PROGRESS
+
+        self.root, self.planned, self.path = root, list(seeds), root / SEED_PROGRESS
+        self.left = {seed: {s.name for s in stages if s.seed == seed} for seed in seeds}
+        self.finished: list[int] = []
+        if len(seeds) > 1:  # a one-seed study is its own front page at the end
+            self._write()
+
+    def _write(self) -> None:
+        _write_json(self.path, {"planned": self.planned, "finished": self.finished})
+
+    def stage_done(self, stage: Stage, ran: bool) -> None:
+        if stage.seed is None or len(self.planned) < 2:
+            return
+        left = self.left[stage.seed]
+        left.discard(stage.name)
+        if left or stage.seed in self.finished:
+            return
+        self.finished.append(stage.seed)
+        self._write()
+        if ran and len(self.finished) < len(self.planned):
+            from analysis.study_report import write_study_report
+
+            page = write_study_report(self.root).with_suffix(".html")
+            print(f"\n  seed {stage.seed} finished ({len(self.finished)} of {len(self.planned)} seeds): its findings "
+                  f"are on the front page now, {page}", flush=True)
 
 
 def print_summary(root: Path) -> None:

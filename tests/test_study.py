@@ -175,8 +175,35 @@ SEED_STAGES = [f"seed{seed}-{stage}" for seed in (0, 1) for stage in STAGES[:-1]
 @pytest.fixture(scope="module")
 def two_seeds(tmp_path_factory) -> tuple[Path, str, Path]:
     tmp = tmp_path_factory.mktemp("seeds")
-    config = write_study(tmp, tmp / "runs", seeds=[0, 1], fidelity_seeds=[0])
-    return tmp / "runs", run_study(config), config
+    root = tmp / "runs"
+    config = write_study(tmp, root, seeds=[0, 1], fidelity_seeds=[0])
+    # read the study's output as it comes, keeping the front page it writes when seed 0 has finished
+    proc, lines = study(config), []
+    for line in proc.stdout:
+        lines.append(line)
+        if "seed 0 finished" in line:
+            shutil.copytree(root / "report", tmp / "interim-report")
+            shutil.copy(root / ".study" / "seeds.json", tmp / "interim-report" / "seeds.json")
+    proc.wait(timeout=900)
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-4000:]
+    return root, out, config
+
+
+def test_the_front_page_holds_seed_zeros_findings_while_seed_one_runs(two_seeds):
+    root, out, _ = two_seeds
+    interim = root.parent / "interim-report"
+    assert "seed 0 finished (1 of 2 seeds): its findings are on the front page now" in out
+    assert json.loads((interim / "seeds.json").read_text()) == {"planned": [0, 1], "finished": [0]}
+    page = (interim / "report.md").read_text()
+    assert "Interim: seed 1 of 2 so far (finished: 0; still running: 1)" in page
+    assert "What held across seeds" not in page  # nothing pooled from one seed
+    assert "(../seed0/full/report/report.html)" in page and "seed1/" not in page
+    assert (interim / "report.html").is_file()
+    # the last page pools both seeds and says nothing of an interim
+    final = (root / "report" / "report.md").read_text()
+    assert "Interim" not in final and "What held across seeds" in final
+    assert json.loads((root / ".study" / "seeds.json").read_text()) == {"planned": [0, 1], "finished": [0, 1]}
 
 
 def test_each_training_seed_runs_the_whole_chain_and_the_front_page_pools_them(two_seeds):
@@ -235,8 +262,23 @@ def test_a_bad_seed_list_is_one_clear_line_before_anything_runs(tmp_path, keys, 
     config = write_study(tmp_path, tmp_path / "runs", **keys)
     proc = study(config)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and message in out and str(config) in out, out[-2000:]
+    assert proc.returncode == 2 and message in out and str(config) in out, out[-2000:]
+    assert out.strip().count("\n") == 0 and "Traceback" not in out, out  # one line, no traceback
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("root: runs\nseeds: [0, 1\nfull: full.yaml\n", "line 3, column 5: not valid YAML (expected ',' or ']'"),
+    ("root: runs\n  seeds: [0]\n", "line 2, column 8: not valid YAML"),
+    ("- just\n- a list\n", "expected a mapping of study keys"),
+])
+def test_a_study_config_that_is_not_yaml_is_one_line_naming_the_file_and_line(tmp_path, text, message):
+    config = tmp_path / "study.yaml"
+    config.write_text(text)
+    proc = study(config)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and out.startswith(f"crossling: error: {config}: {message}"), out[-2000:]
+    assert out.strip().count("\n") == 0, out
 
 
 def test_a_changed_option_reruns_only_its_dependents(finished, tmp_path):
