@@ -2,11 +2,15 @@
 layout as one process, every step on the same language on both ranks (recorded on each rank
 by ``helpers.RecordLanguages``), batches exactly those of the sampler, and validation metrics
 reduced over the ranks' shards equal to a one-process evaluation.
+
+``scripts/gpu_check.sh`` runs this file on the GPUs of a node (``CROSSLING_CHECK_DEVICE=cuda``,
+``CROSSLING_DDP_WORLD`` = their number, NCCL); here it runs on 2 CPU processes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,8 @@ from helpers import build_data, dev_accuracy, logged_val_rows, run_config, run_c
 from callbacks.checkpoints import list_checkpoints, load_checkpoint
 from datamodules.samplers import LanguageBatchSampler
 
-WORLD = 2
+WORLD = int(os.environ.get("CROSSLING_DDP_WORLD", "2"))
+ACCELERATOR = "gpu" if os.environ.get("CROSSLING_CHECK_DEVICE") == "cuda" else "cpu"
 STEPS = 3
 
 
@@ -26,6 +31,8 @@ def ddp_run(tmp_path_factory) -> Path:
         run_dir,
         "--trainer.strategy",
         "ddp",
+        "--trainer.accelerator",
+        ACCELERATOR,
         "--trainer.devices",
         str(WORLD),
         "--trainer.limit_train_batches",
