@@ -18,8 +18,9 @@ training items, so this is unbiased for the whole of S). numpy only.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,11 @@ class CounterfactualError(ValueError):
 def removed_run_name(removed: str) -> str:
     """The run directory of the fit that leaves ``removed`` (a language, or ``random``) out."""
     return f"without-{removed}"
+
+
+def refit_run_name(seed: int) -> str:
+    """The run directory of a refit: the analysed run's config with another training seed, nothing removed."""
+    return f"refit-{seed}"
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,9 @@ class SeedCounterfactual:
     predicted: dict[str, np.ndarray]
     accuracy: dict[str, np.ndarray]
     not_learned: tuple[str, ...] = ()  # removed sets whose fit does not beat the majority class (did_not_learn)
+    # refit name -> loss of a fit with nothing removed (another batch order and dropout) minus the full run's,
+    # per test example: how far retraining moves a test loss when the data do not change at all
+    refits: dict[str, np.ndarray] = field(default_factory=dict)
 
     def excess(self, removed: str) -> np.ndarray:
         """The retraining effect beyond the control's: what *which* examples were removed did."""
@@ -176,6 +185,27 @@ def did_not_learn(losses: TestLosses, labels: np.ndarray) -> bool:
     majority = majority_rate(labels, losses.lang, len(losses.languages))
     present = np.flatnonzero(np.isfinite(majority))  # languages with test examples
     return present.size > 0 and all(losses.correct[losses.lang == g].mean() <= majority[g] for g in present)
+
+
+def dev_did_not_learn(metrics_csv: Path, languages: Sequence[str]) -> bool | None:
+    """Whether a fit's last validation stayed at or below the majority-class rate in every language, from
+    its ``logs/metrics.csv`` (``val/acc_<lang>``, ``val/majority_<lang>``); None when the log holds no
+    validation of every language (then the test split decides, see ``did_not_learn``).
+
+    Why dev: whether a fit learned decides which cells the check compares, so deciding it on the test
+    examples the check then measures would select on them."""
+    import csv
+
+    try:
+        with open(metrics_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return None
+    keys = [(f"val/acc_{lang}", f"val/majority_{lang}") for lang in languages]
+    last = next((row for row in reversed(rows) if all(row.get(a) and row.get(m) for a, m in keys)), None)
+    if last is None:
+        return None
+    return all(float(last[a]) <= float(last[m]) for a, m in keys)
 
 
 def per_example_effects(full: TestLosses, without: Mapping[str, TestLosses]) -> tuple[dict, dict]:
@@ -204,8 +234,9 @@ class CounterfactualMatrix:
         return float(effect.pooled[g]), float(effect.low[g]), float(effect.high[g])
 
     def grid(self, quantity: str, removed: Sequence[str] | None = None) -> np.ndarray:
-        """(test languages, removed sets) pooled estimates."""
-        removed = list(removed or self.removed)
+        """(test languages, removed sets) pooled estimates; ``removed`` None: every removed set (an empty
+        list is no column, e.g. when every leave-out fit failed, never all of them)."""
+        removed = list(self.removed if removed is None else removed)
         return np.array([[self.cell(quantity, t, r)[0] for r in removed] for t in self.languages])
 
 
@@ -234,6 +265,78 @@ def counterfactual_matrix(seeds: Sequence[SeedCounterfactual], n_resamples: int 
     return CounterfactualMatrix(list(languages), removed, effects, tuple(r for r in removed if r in failed))
 
 
+def noise_floor(seeds: Sequence[SeedCounterfactual]) -> dict[str, list[float]]:
+    """Per test language, each refit's change of its mean test loss (averaged over the seeds that ran that
+    refit, as the retrained matrix averages over seeds): the null distribution of a retrained cell."""
+    if not seeds:
+        return {}
+    languages = seeds[0].languages
+    names = sorted({name for s in seeds for name in s.refits})
+    floor: dict[str, list[float]] = {t: [] for t in languages}
+    for name in names:
+        having = [s for s in seeds if name in s.refits]
+        for g, t in enumerate(languages):
+            floor[t].append(float(np.mean([s.refits[name][s.lang == g].mean() for s in having])))
+    return floor if names else {}
+
+
+def sign_chance(predicted: np.ndarray, retrained: np.ndarray) -> float:
+    """The share of cells whose signs would agree if the two matrices' signs were independent, each keeping
+    its own share of positive cells: what "the same sign in x % of cells" must beat."""
+    both = np.isfinite(predicted) & np.isfinite(retrained)
+    if not both.any():
+        return float("nan")
+    p, r = np.mean(predicted[both] > 0), np.mean(retrained[both] > 0)
+    return float(p * r + (1 - p) * (1 - r))
+
+
+def column_permutation_p(predicted: np.ndarray, retrained: np.ndarray) -> float:
+    """One-sided p-value of the cells' Pearson r when the removed sets (columns) are exchanged between the two
+    matrices: each column of the retrained matrix is one fit, so its cells share that fit's noise and a test
+    over cells as if independent overstates the evidence. Exact over every permutation (L! for L columns)."""
+    columns = predicted.shape[1]
+    if columns < 2:
+        return float("nan")
+    observed = correlate(predicted.ravel(), retrained.ravel()).pearson_r
+    if not np.isfinite(observed):
+        return float("nan")
+    null = [correlate(predicted[:, list(order)].ravel(), retrained.ravel()).pearson_r
+            for order in itertools.permutations(range(columns))]
+    return float(np.mean(np.asarray(null) >= observed - 1e-12))
+
+
+def calibration_slope(predicted: np.ndarray, retrained: np.ndarray) -> float:
+    """Least-squares slope of predicted on retrained over the cells: 1 when the prediction has retraining's
+    scale, near 0 when it is far too small (a correlation alone cannot tell)."""
+    both = np.isfinite(predicted) & np.isfinite(retrained)
+    p, r = np.asarray(predicted, dtype=np.float64)[both], np.asarray(retrained, dtype=np.float64)[both]
+    spread = np.sum((r - r.mean()) ** 2) if r.size else 0.0
+    if r.size < 2 or spread == 0:
+        return float("nan")
+    return float(np.sum((r - r.mean()) * (p - p.mean())) / spread)
+
+
+def language_grid(seed: SeedCounterfactual, values: Mapping[str, np.ndarray], removed: Sequence[str]) -> np.ndarray:
+    """(test languages, removed sets) mean of per-example ``values`` over each test language's examples."""
+    return np.array([[float(values[r][seed.lang == g].mean()) for r in removed] for g in range(len(seed.languages))])
+
+
+def checkpoint_agreement(seed: SeedCounterfactual, by_checkpoints: Mapping[int, Mapping[str, np.ndarray]]) -> dict:
+    """Agreement of TracIn's prediction from the last n checkpoints with retraining, per n: Pearson r, its
+    column-permutation p, Spearman ρ and the calibration slope over the leave-out cells of one seed (the
+    point estimates; the intervals belong to the prediction over every checkpoint)."""
+    left_out = [r for r in seed.retrained if r != CONTROL and r not in seed.not_learned]
+    retrained = language_grid(seed, seed.retrained, left_out)
+    out = {}
+    for n, predicted_values in sorted(by_checkpoints.items()):
+        predicted = language_grid(seed, predicted_values, left_out)
+        overall = correlate(predicted.ravel(), retrained.ravel())
+        out[str(n)] = {"pearson_r": overall.pearson_r, "spearman_r": overall.spearman_r,
+                       "permutation_p": column_permutation_p(predicted, retrained),
+                       "slope": calibration_slope(predicted, retrained), "n": overall.n}
+    return out
+
+
 @dataclass(frozen=True)
 class Agreement:
     """How far TracIn's prediction and shares say what retraining says, over the L×L language cells.
@@ -248,6 +351,11 @@ class Agreement:
         above_control: cells whose excess over the control has an interval above zero, of ``n_cells``.
         excluded: removed sets kept out of every number above because their fit did not learn (a failed
             control leaves nothing to compare with: no cell is then counted above or below it).
+        sign_chance: the share of cells agreeing in sign that independent signs would give.
+        noise_floor: per test language, the largest absolute change of mean test loss among the refits (fits
+            with nothing removed); empty without refits.
+        beyond_noise: cells whose retrained change exceeds their test language's noise floor (None without
+            refits); ``control_beyond_noise`` the same for the random control's cells.
     """
 
     rank_by_test_language: dict[str, float]
@@ -260,6 +368,11 @@ class Agreement:
     below_control: int
     n_cells: int
     excluded: tuple[str, ...] = ()
+    sign_chance: float = float("nan")
+    noise_floor: dict[str, float] = field(default_factory=dict)
+    n_refits: int = 0
+    beyond_noise: int | None = None
+    control_beyond_noise: int | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -273,12 +386,19 @@ class Agreement:
             "below_control": self.below_control,
             "n_cells": self.n_cells,
             "excluded": list(self.excluded),
+            "sign_chance": self.sign_chance,
+            "noise_floor": self.noise_floor,
+            "n_refits": self.n_refits,
+            "beyond_noise": self.beyond_noise,
+            "control_beyond_noise": self.control_beyond_noise,
         }
 
 
-def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = None) -> Agreement:
+def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = None,
+                      floor: Mapping[str, Sequence[float]] | None = None) -> Agreement:
     """Agreement numbers of the pooled matrix; ``shares`` is the (test, train) language share matrix of
-    the top-m sets (the report's, positive sign) in ``matrix.languages`` order, or None."""
+    the top-m sets (the report's, positive sign) in ``matrix.languages`` order, or None; ``floor`` the
+    refits' changes per test language (``noise_floor``), or None."""
     languages = matrix.languages
     left_out = [r for r in matrix.removed if r != CONTROL and r not in matrix.not_learned]
     retrained, predicted = matrix.grid("retrained", left_out), matrix.grid("predicted", left_out)
@@ -301,10 +421,18 @@ def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = 
                 _, low, high = matrix.cell("excess", t, r)
                 above += int(low > 0)
                 below += int(high < 0)
+    cells = {"pearson_r": overall.pearson_r, "pearson_p": overall.pearson_p,
+             "spearman_r": overall.spearman_r, "spearman_p": overall.spearman_p, "n": overall.n,
+             "permutation_p": column_permutation_p(predicted, retrained),
+             "slope": calibration_slope(predicted, retrained)}
+    largest = {t: float(np.max(np.abs(v))) for t, v in (floor or {}).items() if len(v)}
+    beyond = control_beyond = None
+    if largest:
+        beyond = sum(int(abs(matrix.cell("retrained", t, r)[0]) > largest[t]) for t in languages for r in left_out)
+        control_beyond = sum(int(abs(matrix.cell("retrained", t, CONTROL)[0]) > largest[t]) for t in languages)
     return Agreement(
         rank_by_test_language={t: float(v) for t, v in ranks.items()},
-        cells={"pearson_r": overall.pearson_r, "pearson_p": overall.pearson_p,
-               "spearman_r": overall.spearman_r, "spearman_p": overall.spearman_p, "n": overall.n},
+        cells=cells,
         sign_agreement=signs,
         own_largest_retrained=own_largest(retrained, left_out),
         own_largest_predicted=own_largest(predicted, left_out),
@@ -313,6 +441,11 @@ def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = 
         below_control=below,
         n_cells=len(languages) * len(left_out),
         excluded=tuple(matrix.not_learned),
+        sign_chance=sign_chance(predicted, retrained),
+        noise_floor=largest,
+        n_refits=max((len(v) for v in (floor or {}).values()), default=0),
+        beyond_noise=beyond,
+        control_beyond_noise=control_beyond,
     )
 
 
@@ -341,11 +474,17 @@ def describe_agreement(agreement: Agreement, matrix: CounterfactualMatrix) -> st
     own_p = sum(agreement.own_largest_predicted.values())
     n = len(agreement.own_largest_retrained)
     cells = agreement.cells
+    if agreement.n_cells == 0:
+        return (f"Counterfactual check ({n_seeds} seed{'s' if n_seeds > 1 else ''}): no leave-out fit learned "
+                f"({', '.join(f'without {r}' for r in agreement.excluded)} stayed at the majority class in every "
+                "language), so it compares nothing: a fine-tuning that failed, not an effect of the data left out.")
     text = (
         f"Counterfactual check ({n_seeds} seed{'s' if n_seeds > 1 else ''}, one fit per training language left out "
         f"and a random control): over {agreement.n_cells} test × training-language cells, TracIn's predicted change "
         f"of test loss correlates with the retrained one at Pearson r = {cells['pearson_r']:.2f}, Spearman "
-        f"ρ = {cells['spearman_r']:.2f}, and has its sign in {100 * agreement.sign_agreement:.0f} % of cells; "
+        f"ρ = {cells['spearman_r']:.2f} (permutation p = {cells.get('permutation_p', float('nan')):.2f}, exchanging "
+        f"the fits left out; predicted per unit of retrained change, the slope: {cells.get('slope', float('nan')):.3g}), and has its sign in {100 * agreement.sign_agreement:.0f} % of cells (independent signs: "
+        f"{100 * agreement.sign_chance:.0f} %); "
         f"removing a test language's own training language hurts it most in {own_r} of {n} test languages "
         f"(retrained) and {own_p} of {n} (predicted)"
     )
@@ -357,10 +496,17 @@ def describe_agreement(agreement: Agreement, matrix: CounterfactualMatrix) -> st
     else:
         text += (f"; {agreement.above_control} of {agreement.n_cells} cells hurt more than leaving out as many random "
                  f"examples (interval above the control), {agreement.below_control} less")
+    if agreement.beyond_noise is None:
+        text += "; retraining's own noise is not measured (no refits with nothing removed: counterfactual_refits)"
+    else:
+        text += (f"; {agreement.beyond_noise} of {agreement.n_cells} cells (and {agreement.control_beyond_noise} of "
+                 f"{len(agreement.noise_floor)} control cells) change test loss by more than any of "
+                 f"{agreement.n_refits} refit{'s' if agreement.n_refits > 1 else ''} with nothing removed did (other "
+                 f"batch order and dropout; up to {max(agreement.noise_floor.values()):.3f} in loss)")
     if agreement.excluded:
         names = ", ".join(f"without {r}" for r in agreement.excluded)
         seeds = " (in at least one seed)" if n_seeds > 1 else ""
         text += (f". Left out of these numbers: the fit{'s' if len(agreement.excluded) > 1 else ''} {names}, whose "
-                 f"test accuracy does not beat the majority class in any language{seeds}: a fine-tuning that "
+                 f"accuracy (on dev, where the fit logged it) does not beat the majority class in any language{seeds}: a fine-tuning that "
                  "failed, not an effect of the data left out")
     return text + "."

@@ -11,6 +11,7 @@ import numpy as np
 from .atomic import atomic_write, write_json_atomic
 from .contributions import read_contributions_csv, write_rows_csv
 from .counterfactual import (
+    CONTROL,
     CSV_COLUMNS,
     CounterfactualError,
     SeedCounterfactual,
@@ -18,8 +19,10 @@ from .counterfactual import (
     describe_agreement,
     matrix_rows,
     measure_agreement,
+    noise_floor,
 )
 from .counterfactual_plot import plot_counterfactual_matrices, plot_predicted_vs_retrained
+from .planted import PlantedInputs, describe_planted, planted_cell
 
 EFFECTS_FILE = "effects.npz"
 RUN_FOLDER = "counterfactual"  # under the analysed (full fine-tuning) run
@@ -32,6 +35,9 @@ def write_effects(path: Path, seed: SeedCounterfactual) -> Path:
     for r in seed.retrained:
         arrays[f"retrained_{r}"], arrays[f"predicted_{r}"] = seed.retrained[r], seed.predicted[r]
         arrays[f"accuracy_{r}"] = seed.accuracy[r]
+    arrays["refits"] = np.array(list(seed.refits), dtype=np.str_)
+    for name, values in seed.refits.items():
+        arrays[f"refit_{name}"] = values
     with atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
     return path
@@ -46,7 +52,8 @@ def load_effects(path: Path, seed: int) -> SeedCounterfactual:
                                       {r: f[f"retrained_{r}"] for r in removed},
                                       {r: f[f"predicted_{r}"] for r in removed},
                                       {r: f[f"accuracy_{r}"] for r in removed},
-                                      tuple(str(x) for x in f["not_learned"]) if "not_learned" in f.files else ())
+                                      tuple(str(x) for x in f["not_learned"]) if "not_learned" in f.files else (),
+                                      {str(n): f[f"refit_{n}"] for n in f["refits"]} if "refits" in f.files else {})
     except (OSError, ValueError, KeyError) as err:
         raise CounterfactualError(f"{path}: not a readable counterfactual effects file ({err})") from None
 
@@ -62,10 +69,15 @@ def positive_shares(run_dir: Path, languages: list[str], condition: str) -> np.n
 
 
 def write_counterfactual_outputs(out: Path, seeds: list[SeedCounterfactual], shares: np.ndarray | None,
-                                 n_resamples: int, extra: dict, title: str) -> dict:
-    """The matrix pooled over ``seeds``, its agreement numbers, CSV, JSON and figures; returns the JSON."""
+                                 n_resamples: int, extra: dict, title: str,
+                                 planted: PlantedInputs | None = None) -> dict:
+    """The matrix pooled over ``seeds``, its agreement numbers, CSV, JSON and figures; returns the JSON.
+    ``planted`` (one seed's run only): the planted control's verdicts go in as ``planted`` and
+    ``planted_sentence``."""
     matrix = counterfactual_matrix(seeds, n_resamples)
-    agreement = measure_agreement(matrix, shares)
+    agreement = measure_agreement(matrix, shares, noise_floor(seeds))
+    if planted is not None:
+        extra = {**extra, **measure_planted(matrix, seeds[0], planted, agreement.noise_floor)}
     write_rows_csv(out / "counterfactual.csv", matrix_rows(matrix), CSV_COLUMNS)
     plot_predicted_vs_retrained(out / "predicted_vs_retrained.png", matrix, title)
     plot_counterfactual_matrices(out / "counterfactual_matrices.png", matrix)
@@ -73,6 +85,26 @@ def write_counterfactual_outputs(out: Path, seeds: list[SeedCounterfactual], sha
                **agreement.as_dict(), "sentence": describe_agreement(agreement, matrix), **extra}
     write_json_atomic(out / "counterfactual.json", summary)
     return summary
+
+
+def measure_planted(matrix, seed: SeedCounterfactual, planted: PlantedInputs, floor: dict[str, float]) -> dict:
+    """The planted cell under retraining and under TracIn's prediction, with the retrieval of marked items."""
+    language = planted.language
+    left_out = [r for r in matrix.removed if r != CONTROL and r not in matrix.not_learned]
+    if language not in left_out or CONTROL not in matrix.removed:
+        return {"planted": {"language": language, "fraction": planted.fraction,
+                            "note": f"no learned fit without {language} and the random control to compare",
+                            "retrieval": planted.retrieval.as_dict() if planted.retrieval else None}}
+    row, col = matrix.languages.index(language), left_out.index(language)
+    cells = {q: planted_cell(matrix.grid(q, left_out), matrix.cell(q, language, language), row, col,
+                             matrix.cell(q, language, CONTROL)[0], float(getattr(seed, q)[language][planted.marked].mean()))
+             for q in ("retrained", "predicted")}
+    record = {"language": language, "fraction": planted.fraction, "marked_test_items": int(planted.marked.sum()),
+              **{q: c.as_dict() for q, c in cells.items()},
+              "retrieval": planted.retrieval.as_dict() if planted.retrieval else None}
+    sentence = describe_planted(language, planted.fraction, cells["retrained"], cells["predicted"], planted.retrieval,
+                                floor)
+    return {"planted": record, "planted_sentence": sentence}
 
 
 def seed_effects(seed_roots: dict[int, Path]) -> list[SeedCounterfactual]:
@@ -103,7 +135,11 @@ def counterfactual_section(seed_roots: dict[int, Path], out: Path) -> list[str]:
           "initialisation, seed and epochs), and a control left out as many examples drawn at random from all "
           "languages. Retrained: the change of each test language's mean loss; predicted: first-order TracIn from "
           "the full run's sketches; intervals: paired bootstrap over test examples"
-          + (", pooled over seeds (two-level)." if len(seeds) > 1 else "."), "",
+          + (", pooled over seeds (two-level)." if len(seeds) > 1 else ".")
+          + (" Refits (the full fine-tuning again with nothing removed, another seed for dropout and batch order) "
+             "measure retraining's own noise: a cell counts as beyond it when it moves its test language's loss "
+             "more than every refit did." if any(s.refits for s in seeds) else
+             " Retraining's own noise was not measured (no refits: the study key counterfactual_refits)."), "",
           f"![predicted vs retrained]({rel}/predicted_vs_retrained.png)", "",
           f"![counterfactual matrices]({rel}/counterfactual_matrices.png)", "",
           f"Data: [counterfactual.csv]({rel}/counterfactual.csv), [counterfactual.json]({rel}/counterfactual.json)", ""]

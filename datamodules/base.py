@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import DataError
+from .planting import PlantOptions, check_markers_tokenize, check_plant, plant_records, planted_positions
 from .samplers import LanguageBatchSampler, RankSlicedBatchSampler
 from .sampling import sample_independent, sample_parallel
 from .sources import Record, describe_source, read_split
@@ -104,6 +105,8 @@ class TaskDataModule(pl.LightningDataModule):
             training examples), or ``random`` (the control: as many examples as one language has, drawn
             uniformly from all languages, seeded from the name and the data seed). The training split's
             indices stay those of the run that trains on everything, so results line up with its analysis.
+        plant: a label-revealing word in a share of one language's training and test items (the planted
+            control, a known answer for the study's measures; ``planting.py``). None: the data as they are.
     """
 
     task: ClassVar[str]
@@ -127,6 +130,7 @@ class TaskDataModule(pl.LightningDataModule):
         backbone: str = "tiny-random",
         length_buckets: bool = False,
         leave_out: str | None = None,
+        plant: PlantOptions | None = None,
     ):
         super().__init__()
         spec = TASKS[self.task]
@@ -152,6 +156,10 @@ class TaskDataModule(pl.LightningDataModule):
                 f"{self.languages} or {RANDOM_LEAVE_OUT!r}"
             )
         self.leave_out = leave_out
+        if plant is not None:
+            check_plant(plant, self.languages)
+        self.plant = plant
+        self._planted: dict[str, np.ndarray] = {}
         self.datasets: dict[str, ExampleDataset] = {}
         self._tokenizer = None
         self._pad_token_id: int | None = None
@@ -191,9 +199,26 @@ class TaskDataModule(pl.LightningDataModule):
         if n is not None and any(len(rows) < n for rows in chosen.values()):
             log.warning("%s: fewer than %d examples per language available; using %s", where, n,
                         {lang: len(rows) for lang, rows in chosen.items()})
-        return [r for lang in self.languages for r in chosen[lang]]
+        records = [r for lang in self.languages for r in chosen[lang]]
+        if self.plant is not None:
+            self._planted[split] = planted_positions(records, split, self.plant, self.seed)
+            records = plant_records(records, self._planted[split], self.plant)
+        return records
+
+    def planted_indices(self, split: str) -> np.ndarray:
+        """Indices of the split's examples that carry the planted marker, sorted (empty without ``plant``)."""
+        if self.plant is None:
+            return np.zeros(0, dtype=np.int64)
+        self._tokenize_splits([split])
+        return self._planted[split]
+
+    def marker_token_ids(self) -> list[int]:
+        """Token ids of the planted markers (empty without ``plant``), checked to be known to the tokenizer."""
+        return [] if self.plant is None else check_markers_tokenize(self.tokenizer, self.plant)
 
     def tokenize(self, records: list[Record]) -> list[Example]:
+        if self.plant is not None:
+            check_markers_tokenize(self.tokenizer, self.plant)
         lang_index = {lang: i for i, lang in enumerate(self.languages)}
         firsts = [r.texts[0] for r in records]
         seconds = [r.texts[1] for r in records] if records and len(records[0].texts) > 1 else None

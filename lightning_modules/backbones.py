@@ -219,6 +219,14 @@ class RemappedEmbedding(torch.nn.Embedding):
         return super().forward(rows)
 
 
+def missing_token_ids(model, token_ids) -> list[int]:
+    """The ``token_ids`` the model's (cut) embedding does not hold: none for a full vocabulary."""
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, RemappedEmbedding):
+        return [t for t in token_ids if not 0 <= t < embedding.num_embeddings]
+    return [t for t in token_ids if not 0 <= t < embedding.id_map.numel() or int(embedding.id_map[t]) < 0]
+
+
 def cut_vocabulary(model, kept_ids) -> None:
     """Replace the model's word embeddings by a ``RemappedEmbedding`` holding ``kept_ids`` only."""
     full = model.get_input_embeddings()

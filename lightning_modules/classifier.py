@@ -14,7 +14,7 @@ import torchmetrics
 
 from analysis.masks import load_subnetworks, shuffle_mask
 
-from .backbones import build_classifier
+from .backbones import build_classifier, missing_token_ids
 from .gates import HeadGates, disabled_parameter_masks
 from .optim import configure_adamw
 
@@ -122,6 +122,18 @@ class SequenceClassifier(pl.LightningModule):
         from .evaluation import AccuracyTable
 
         return [AccuracyTable()]
+
+    def setup(self, stage: str) -> None:
+        # a planted marker the cut vocabulary lacks would fail at the first forward, naming token ids only
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(datamodule, "marker_token_ids"):
+            missing = missing_token_ids(self.model, datamodule.marker_token_ids())
+            if missing:
+                from datamodules import DataError
+
+                raise DataError(f"data.init_args.plant.markers: {datamodule.plant.markers} tokenize to ids {missing}, which "
+                                "model.vocabulary: bundled does not hold (it keeps the bundled data's tokens); choose "
+                                "words the bundled data use, or model.vocabulary: full")
 
     # -- training ------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

@@ -36,9 +36,12 @@ class StudyConfig:
     Args:
         root: run directory of the study; each run is a subfolder (full, sft, sft-random<seed>), under
             ``seed<s>/`` per training seed when there are several.
-        full: config of full fine-tuning (``crossling fit``).
+        full: config of full fine-tuning (``crossling fit``). This key and the three below name one config file
+            or a list of them, the later overriding the earlier (``--config`` given once for each).
         subnetworks: config of the subnetwork search (``crossling subnetworks``).
-        sft: config of sparse fine-tuning (``crossling fit``).
+        sft: config of sparse fine-tuning (``crossling fit``); None: the chain stops after the natural
+            analysis (a ground-truth study: the planted control, the counterfactual check), and the
+            subnetwork search runs only when a natural condition needs its masks.
         analyze: config of sketching, influence and report (``crossling analyze``).
         seeds: training seeds; each runs the whole chain (fine-tuning, subnetworks, SFT, their analyses)
             with that seed for everything random in training (``seed_everything``, ``model.init_seed``, the
@@ -55,14 +58,18 @@ class StudyConfig:
             random examples), checked against TracIn's predicted change of test loss (None: not run; it
             costs one full fine-tuning per language and seed; README, "The counterfactual check").
         counterfactual_seeds: the seeds that run the counterfactual check (None: every seed).
+        counterfactual_refits: seeds of refits per counterfactual seed: the full fine-tuning again with nothing
+            removed, its dropout and batch order from this seed (the head's initialisation and the data stay).
+            Their change of test loss is retraining's own noise, against which the check judges every cell
+            (None: not measured; each costs one full fine-tuning per seed).
         summary_split: the split whose majority-class rate the summary compares with dev accuracy.
     """
 
     root: str = "runs/study"
-    full: str = "full.yaml"
-    subnetworks: str = "subnetworks.yaml"
-    sft: str = "sft.yaml"
-    analyze: str = "analyze.yaml"
+    full: str | list[str] = "full.yaml"
+    subnetworks: str | list[str] = "subnetworks.yaml"
+    sft: str | list[str] | None = "sft.yaml"
+    analyze: str | list[str] = "analyze.yaml"
     seeds: list[int] = field(default_factory=lambda: [0])
     fidelity_seeds: list[int] | None = None
     random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -71,6 +78,7 @@ class StudyConfig:
     overrides: list[str] = field(default_factory=list)
     counterfactual: list[str] | None = None
     counterfactual_seeds: list[int] | None = None
+    counterfactual_refits: list[int] | None = None
 
 
 @dataclass
@@ -112,6 +120,7 @@ def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
     if unknown:
         raise StudyConfigError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
     cfg = StudyConfig(**raw)
+    check_config_files(cfg, path)
     check_seeds(cfg, path)
     check_counterfactual_languages(cfg, path)
     return cfg, path.parent
@@ -119,18 +128,43 @@ def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
 
 def check_counterfactual_languages(cfg: StudyConfig, path: Path) -> None:
     """Languages to leave out are a non-empty list of distinct codes (whether the run trains on them is
-    the fit's to say, with the data's language list)."""
+    the fit's to say, with the data's language list); refit seeds are new seeds."""
     langs = cfg.counterfactual
     if langs is None:
+        if cfg.counterfactual_refits is not None:
+            raise StudyConfigError(f"{path}: key 'counterfactual_refits' needs the key 'counterfactual' (the languages "
+                                   "to leave out): the refits measure that check's noise")
         return
     if not isinstance(langs, list) or not langs or not all(isinstance(x, str) and x for x in langs) \
             or len(set(langs)) != len(langs) or "random" in langs:
         raise StudyConfigError(f"{path}: key 'counterfactual': expected a non-empty list of distinct training language "
-                         f"codes (the random control is added by itself), found {langs!r}")
+                               f"codes (the random control is added by itself), found {langs!r}")
     chosen = cfg.counterfactual_seeds
     if chosen is not None and (not isinstance(chosen, list) or not chosen or any(s not in cfg.seeds for s in chosen)):
         raise StudyConfigError(f"{path}: key 'counterfactual_seeds': expected a non-empty list of the study's seeds "
-                         f"{cfg.seeds}, found {chosen!r}")
+                               f"{cfg.seeds}, found {chosen!r}")
+    refits = cfg.counterfactual_refits
+    if refits is not None and (not isinstance(refits, list) or not refits or len(set(refits)) != len(refits)
+                               or not all(isinstance(r, int) and not isinstance(r, bool) for r in refits)
+                               or any(r in cfg.seeds for r in refits)):
+        raise StudyConfigError(f"{path}: key 'counterfactual_refits': expected a non-empty list of distinct integer "
+                               f"seeds other than the study's training seeds {cfg.seeds}, found {refits!r}")
+
+
+def check_config_files(cfg: StudyConfig, path: Path) -> None:
+    """Each stage's config is a file name or a non-empty list of them, and each file exists (only ``sft``
+    may be null)."""
+    for key in ("full", "subnetworks", "sft", "analyze"):
+        value = getattr(cfg, key)
+        if value is None and key == "sft":
+            continue
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise StudyConfigError(f"{path}: key {key!r}: expected a config file or a non-empty list of them"
+                                   f"{' (or null: no SFT)' if key == 'sft' else ''}, found {value!r}")
+        missing = [n for n in names if not (path.parent / n).is_file()]
+        if missing and (key != "subnetworks" or cfg.sft is not None or set(cfg.natural_conditions) - {"full"}):
+            raise StudyConfigError(f"{path}: key {key!r}: config file(s) {missing} not found (relative to {path.parent})")
 
 
 def check_seeds(cfg: StudyConfig, path: Path) -> None:
@@ -146,7 +180,7 @@ def check_seeds(cfg: StudyConfig, path: Path) -> None:
     if cfg.fidelity_seeds is not None:
         if not isinstance(cfg.fidelity_seeds, list) or not cfg.fidelity_seeds:
             raise StudyConfigError(f"{path}: key 'fidelity_seeds': expected a non-empty list of seeds or null, "
-                             f"found {cfg.fidelity_seeds!r}")
+                                   f"found {cfg.fidelity_seeds!r}")
         unknown = [s for s in cfg.fidelity_seeds if s not in cfg.seeds]
         if unknown:
             raise StudyConfigError(f"{path}: key 'fidelity_seeds': {unknown} not among the study's seeds {cfg.seeds}")
@@ -183,6 +217,13 @@ def analysis_parts(with_fidelity: bool) -> list[tuple[str, ...]]:
     return [("sketch", "influence"), ("fidelity", "report") if with_fidelity else ("report",)]
 
 
+def config_args(base: Path, configs: str | list[str]) -> list[str]:
+    """``--config`` arguments of one stage kind: a study key names one config file or a list of them, the
+    later ones overriding the earlier (e.g. the demo's analysis config, then a file that adds checkpoints)."""
+    paths = [configs] if isinstance(configs, str) else list(configs)
+    return [arg for path in paths for arg in ("--config", str((base / path).resolve()))]
+
+
 def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
     """The study as a list of CLI calls with their dependencies: every seed's chain, then the front page."""
     root = Path(cfg.root).expanduser().resolve()
@@ -201,13 +242,14 @@ def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
 def plan_seed_stages(cfg: StudyConfig, base: Path, root: Path, seed: int, prefix: str,
                      with_fidelity: bool) -> list[Stage]:
     """One training seed's chain: full fine-tuning, subnetworks, SFT and random SFT, their analyses."""
-    conf = {k: str((base / getattr(cfg, k)).resolve()) for k in ("full", "subnetworks", "sft", "analyze")}
+    conf = {k: config_args(base, getattr(cfg, k)) for k in ("full", "subnetworks", "sft", "analyze")
+            if getattr(cfg, k) is not None}
     full, sft = root / "full", root / "sft"
     subnetworks_dir = full / "subnetworks"
     extra = list(cfg.overrides)
 
-    def fit(config: str, run: Path, *args: str) -> list[str]:
-        return ["fit", "--config", config, f"--trainer.default_root_dir={run}", *args, *extra,
+    def fit(config: list[str], run: Path, *args: str) -> list[str]:
+        return ["fit", *config, f"--trainer.default_root_dir={run}", *args, *extra,
                 *training_seed_args(seed)]
 
     def name(stage: str) -> str:
@@ -223,21 +265,27 @@ def plan_seed_stages(cfg: StudyConfig, base: Path, root: Path, seed: int, prefix
         names = [name(stage.removesuffix("-analysis") + "-influence"), name(stage)]
         stages, before = [], depends
         for part, steps in zip(names, parts):
-            command = ["analyze", "--config", conf["analyze"], f"--trainer.default_root_dir={run}",
+            command = ["analyze", *conf["analyze"], f"--trainer.default_root_dir={run}",
                        f"--stages=[{', '.join(steps)}]", f"--conditions=[{', '.join(conditions)}]", *args, *extra]
             stages.append(Stage(part, command, before, outputs=analysis_outputs(run, steps)))
             before = [part]
         return stages
 
     masks = f"--model.subnetworks={subnetworks_dir}"
+    full_stage = Stage(name("full"), fit(conf["full"], full), [], resume_fit=full, outputs=[full / "checkpoints"])
+    if cfg.sft is None and all(c == "full" for c in cfg.natural_conditions):  # nothing needs the masks
+        return [full_stage, *analysis("natural-analysis", full, cfg.natural_conditions, depends=after("full")),
+                *plan_optional_counterfactual(cfg, conf, root, seed, fit, name)]
     stages = [
-        Stage(name("full"), fit(conf["full"], full), [], resume_fit=full, outputs=[full / "checkpoints"]),
-        Stage(name("subnetworks"), ["subnetworks", "--config", conf["subnetworks"], f"--trainer.default_root_dir={full}",
+        full_stage,
+        Stage(name("subnetworks"), ["subnetworks", *conf["subnetworks"], f"--trainer.default_root_dir={full}",
                                     *extra], after("full")),
         *analysis("natural-analysis", full, cfg.natural_conditions, depends=after("subnetworks")),
-        Stage(name("sft"), fit(conf["sft"], sft, masks), after("subnetworks"), resume_fit=sft,
-              outputs=[sft / "checkpoints"]),
     ]
+    if cfg.sft is None:
+        return stages + plan_optional_counterfactual(cfg, conf, root, seed, fit, name)
+    stages.append(Stage(name("sft"), fit(conf["sft"], sft, masks), after("subnetworks"), resume_fit=sft,
+                        outputs=[sft / "checkpoints"]))
     for random_seed in cfg.random_seeds:
         run = root / f"sft-random{random_seed}"
         stages.append(Stage(name(f"sft-random{random_seed}"),
@@ -249,15 +297,21 @@ def plan_seed_stages(cfg: StudyConfig, base: Path, root: Path, seed: int, prefix
         run = root / f"sft-random{random_seed}"
         stages += analysis(f"sft-random{random_seed}-analysis", run, [f"random{random_seed}"], masks,
                            f"--compare_to={full}", depends=after(f"sft-random{random_seed}", "natural-analysis"))
+    return stages + plan_optional_counterfactual(cfg, conf, root, seed, fit, name)
+
+
+def plan_optional_counterfactual(cfg: StudyConfig, conf: dict[str, list[str]], root: Path, seed: int, fit, name) -> list[Stage]:
+    """The counterfactual stages of this seed, when the study asks for them."""
     if cfg.counterfactual and (cfg.counterfactual_seeds is None or seed in cfg.counterfactual_seeds):
-        stages += plan_counterfactual_stages(cfg, conf, root, fit, name)
-    return stages
+        return plan_counterfactual_stages(cfg, conf, root, fit, name)
+    return []
 
 
-def plan_counterfactual_stages(cfg: StudyConfig, conf: dict[str, str], root: Path, fit, name) -> list[Stage]:
+def plan_counterfactual_stages(cfg: StudyConfig, conf: dict[str, list[str]], root: Path, fit, name) -> list[Stage]:
     """One fit per language left out and the random control (same config, seed and schedule as the full
-    fine-tuning), then the check that compares their test losses with TracIn's prediction."""
-    from analysis.counterfactual import CONTROL, removed_run_name
+    fine-tuning), the refits with nothing removed (another seed and batch order: retraining's noise), then
+    the check that compares their test losses with TracIn's prediction."""
+    from analysis.counterfactual import CONTROL, refit_run_name, removed_run_name
 
     full = root / "full"
     stages, fits = [], []
@@ -266,9 +320,17 @@ def plan_counterfactual_stages(cfg: StudyConfig, conf: dict[str, str], root: Pat
         fits.append(name(removed_run_name(removed)))
         stages.append(Stage(fits[-1], fit(conf["full"], run, f"--data.init_args.leave_out={removed}"), [],
                             resume_fit=run, outputs=[run / "checkpoints"]))
-    command = ["analyze", "--config", conf["analyze"], f"--trainer.default_root_dir={full}",
+    for refit in cfg.counterfactual_refits or []:
+        run = root / refit_run_name(refit)
+        fits.append(name(refit_run_name(refit)))
+        # after the chain's seed arguments, so these two win: dropout and batch order change, nothing else
+        command = [*fit(conf["full"], run), f"--seed_everything={refit}", f"--data.init_args.shuffle_seed={refit}"]
+        stages.append(Stage(fits[-1], command, [], resume_fit=run, outputs=[run / "checkpoints"]))
+    refits = [f"--counterfactual.refits=[{', '.join(map(str, cfg.counterfactual_refits))}]"] \
+        if cfg.counterfactual_refits else []
+    command = ["analyze", *conf["analyze"], f"--trainer.default_root_dir={full}",
                "--stages=[counterfactual]", "--conditions=[full]",
-               f"--counterfactual.languages=[{', '.join(cfg.counterfactual)}]", *cfg.overrides]
+               f"--counterfactual.languages=[{', '.join(cfg.counterfactual)}]", *refits, *cfg.overrides]
     stages.append(Stage(name("counterfactual-analysis"), command, [name("natural-analysis"), *fits],
                         outputs=[full / "counterfactual"]))
     return stages

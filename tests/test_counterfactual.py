@@ -4,6 +4,7 @@ per-example gradients, and the retrained change equals the test losses of the fi
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -21,11 +22,15 @@ from analysis.counterfactual import (
     SeedCounterfactual,
     TestLosses,
     checkpoint_weights,
+    column_permutation_p,
     counterfactual_matrix,
     describe_agreement,
+    dev_did_not_learn,
     did_not_learn,
     load_test_losses,
     measure_agreement,
+    noise_floor,
+    sign_chance,
 )
 from analysis.counterfactual_report import load_effects, write_effects
 from callbacks.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
@@ -245,7 +250,7 @@ def tiny_study(tmp_path_factory):
         "subnetworks": str(REPO / "configs/demo/pawsx-subnetworks.yaml"),
         "sft": str(REPO / "configs/demo/pawsx-sft.yaml"), "analyze": str(tmp / "analyze.yaml"),
         "random_seeds": [0], "natural_conditions": ["full"], "fidelity_seeds": [0], "seeds": [0],
-        "counterfactual": LEFT_OUT,
+        "counterfactual": LEFT_OUT, "counterfactual_refits": [5],
         "overrides": ["--model.backbone=tiny-random", "--data.init_args.languages=[en, de, ko]",
                       "--data.init_args.train_per_language=30", "--data.init_args.dev_per_language=8",
                       "--data.init_args.test_per_language=12", "--data.init_args.batch_size=8",
@@ -255,7 +260,8 @@ def tiny_study(tmp_path_factory):
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(config))
     cfg, base = load_study_config(path)
-    wanted = ["full", "natural-influence", "natural-analysis", "without-en", "without-de", "without-random", "counterfactual-analysis"]
+    wanted = ["full", "natural-influence", "natural-analysis", "without-en", "without-de", "without-random", "refit-5",
+              "counterfactual-analysis"]
     assert set(wanted) <= {s.name for s in plan_stages(cfg, base)}
     run_study(str(path), only=wanted)
     return root, path
@@ -405,6 +411,8 @@ def test_the_study_plans_one_fit_per_language_left_out_and_the_control_on_the_ch
     assert [n for n in names if "without" in n or "counterfactual" in n] == [
         "seed1-without-en", "seed1-without-de", "seed1-without-random", "seed1-counterfactual-analysis"]
     assert names[-1] == "report"
+    names = plan_names(tmp_path, counterfactual=["en"], counterfactual_refits=[7, 8])
+    assert [n for n in names if "refit" in n] == ["refit-7", "refit-8"]
 
 
 @pytest.mark.parametrize("keys, message", [
@@ -412,7 +420,157 @@ def test_the_study_plans_one_fit_per_language_left_out_and_the_control_on_the_ch
     ({"counterfactual": ["en", "en"]}, "key 'counterfactual': expected a non-empty list of distinct"),
     ({"counterfactual": ["random"]}, "the random control is added by itself"),
     ({"counterfactual": ["en"], "counterfactual_seeds": [5]}, r"key 'counterfactual_seeds': .*study's seeds \[0\]"),
+    ({"counterfactual": ["en"], "counterfactual_refits": [0]}, r"key 'counterfactual_refits': .*training seeds \[0\]"),
+    ({"counterfactual": ["en"], "counterfactual_refits": [3, 3]}, "key 'counterfactual_refits': expected .* distinct"),
+    ({"counterfactual_refits": [3]}, "key 'counterfactual_refits' needs the key 'counterfactual'"),
 ])
 def test_a_bad_counterfactual_list_is_one_line_naming_the_key(tmp_path, keys, message):
     with pytest.raises(ValueError, match=message):
         plan_names(tmp_path, **keys)
+
+
+def write_metrics(path: Path, rows: list[dict]) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_whether_a_fit_learned_is_judged_on_its_last_dev_validation(tmp_path):
+    majority = {f"val/majority_{lang}": 0.6 for lang in LANGS}
+    epoch0 = {"epoch": 0, **majority, **{f"val/acc_{lang}": 0.7 for lang in LANGS}}
+    train_row = {"epoch": 1, "train/loss": 0.5}  # rows without validation are passed over
+    stuck = {"epoch": 1, **majority, **{f"val/acc_{lang}": 0.6 for lang in LANGS}}
+    assert dev_did_not_learn(write_metrics(tmp_path / "a.csv", [epoch0, stuck, train_row]), LANGS) is True
+    one_better = stuck | {"val/acc_ko": 0.61}
+    assert dev_did_not_learn(write_metrics(tmp_path / "b.csv", [epoch0, one_better]), LANGS) is False
+    assert dev_did_not_learn(write_metrics(tmp_path / "c.csv", [stuck, epoch0]), LANGS) is False  # the last one
+    assert dev_did_not_learn(write_metrics(tmp_path / "d.csv", [train_row]), LANGS) is None  # no validation: test
+    assert dev_did_not_learn(tmp_path / "missing.csv", LANGS) is None
+
+
+def test_when_every_leave_out_fit_failed_no_cell_is_compared():
+    seeds = [synthetic_seed(0, own=0.4)]
+    failed = SeedCounterfactual(*[getattr(seeds[0], k) for k in ("seed", "languages", "lang", "retrained",
+                                                                 "predicted", "accuracy")], not_learned=tuple(LANGS))
+    matrix = counterfactual_matrix([failed], n_resamples=100)
+    assert matrix.grid("retrained", []).shape == (3, 0)  # not all removed sets, as an empty list once meant
+    assert matrix.grid("retrained").shape == (3, 4)
+    agreement = measure_agreement(matrix)
+    assert agreement.n_cells == 0 and agreement.above_control == 0 and agreement.below_control == 0
+    assert agreement.excluded == tuple(LANGS)
+    assert not np.isfinite(agreement.sign_agreement)
+    assert "no leave-out fit learned" in describe_agreement(agreement, matrix)
+
+
+def with_refits(seed: SeedCounterfactual, noise: dict[str, float]) -> SeedCounterfactual:
+    """``seed`` with two refits whose per-language loss changes are exactly +noise and -noise."""
+    shift = np.array([noise[t] for t in LANGS])[seed.lang]
+    return SeedCounterfactual(seed.seed, seed.languages, seed.lang, seed.retrained, seed.predicted, seed.accuracy,
+                              refits={"refit-7": shift, "refit-8": -shift})
+
+
+def test_cells_are_judged_against_the_refits_with_nothing_removed(tmp_path):
+    seeds = [with_refits(synthetic_seed(s, own=0.4), {"en": 0.1, "de": 0.1, "ko": 0.9}) for s in range(2)]
+    assert load_effects(write_effects(tmp_path / "e.npz", seeds[0]), 0).refits.keys() == {"refit-7", "refit-8"}
+    floor = noise_floor(seeds)
+    assert floor == {t: pytest.approx([v, -v]) for t, v in {"en": 0.1, "de": 0.1, "ko": 0.9}.items()}
+    matrix = counterfactual_matrix(seeds, n_resamples=100)
+    agreement = measure_agreement(matrix, floor=floor)
+    # own-language cells move ~0.42, the others ~0.02: en's and de's own cells clear 0.1, ko's does not clear 0.9
+    reference = sum(abs(matrix.cell("retrained", t, r)[0]) > {"en": 0.1, "de": 0.1, "ko": 0.9}[t]
+                    for t in LANGS for r in LANGS)
+    assert agreement.beyond_noise == reference == 2 and agreement.n_refits == 2
+    assert agreement.noise_floor == pytest.approx({"en": 0.1, "de": 0.1, "ko": 0.9})
+    assert agreement.control_beyond_noise == 0
+    assert "2 of 9 cells (and 0 of 3 control cells) change test loss by more than any of 2 refits" in \
+        describe_agreement(agreement, matrix)
+    unjudged = measure_agreement(matrix)
+    assert unjudged.beyond_noise is None and "own noise is not measured" in describe_agreement(unjudged, matrix)
+
+
+def test_sign_agreement_has_its_chance_level_and_cells_a_test_that_respects_shared_fits():
+    assert sign_chance(np.ones((3, 3)), np.ones((3, 3))) == 1.0
+    mixed = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    assert sign_chance(mixed, np.ones((2, 2))) == 0.5
+    rng = np.random.default_rng(3)
+    retrained = rng.normal(size=(3, 4))
+    # the same matrix: only the identity of the 4! column orders reaches r = 1
+    assert column_permutation_p(retrained.copy(), retrained) == pytest.approx(1 / 24)
+    # reference: every order by brute force
+    predicted = retrained + rng.normal(scale=2.0, size=retrained.shape)
+    observed = np.corrcoef(predicted.ravel(), retrained.ravel())[0, 1]
+    null = [np.corrcoef(predicted[:, list(o)].ravel(), retrained.ravel())[0, 1] for o in itertools.permutations(range(4))]
+    assert column_permutation_p(predicted, retrained) == pytest.approx(np.mean(np.array(null) >= observed - 1e-12))
+
+
+def test_a_refit_is_the_full_run_with_another_seed_and_batch_order_and_its_change_is_the_noise(tiny_study):
+    root, _ = tiny_study
+    full, refit = yaml.safe_load((root / "full/config.yaml").read_text()), yaml.safe_load(
+        (root / "refit-5/config.yaml").read_text())
+    assert refit["seed_everything"] == 5 and refit["data"]["init_args"]["shuffle_seed"] == 5
+    assert refit["model"]["init_seed"] == full["model"]["init_seed"]  # the same head, other dropout and order
+    assert refit["data"]["init_args"]["leave_out"] is None
+    # reference: the refit's Δ is its own evaluation minus the full run's, per test example
+    effects = load_effects(root / "full/counterfactual/effects.npz", 0)
+    losses = {name: load_test_losses(root / "full/counterfactual/losses" / f"{name}.npz") for name in ("full", "refit-5")}
+    assert np.allclose(effects.refits["refit-5"], losses["refit-5"].loss - losses["full"].loss)
+    assert np.abs(effects.refits["refit-5"]).max() > 0  # another batch order trains another model
+    summary = json.loads((root / "full/counterfactual/counterfactual.json").read_text())
+    floor = {t: abs(float(effects.refits["refit-5"][effects.lang == g].mean())) for g, t in enumerate(LANGS)}
+    assert summary["n_refits"] == 1 and summary["noise_floor"] == pytest.approx(floor)
+    # the tiny model stays at the majority class, so the check says it compares nothing rather than
+    # judging cells against the floor (the sentence with refits is tested on synthetic effects above)
+    assert "no leave-out fit learned" in summary["sentence"]
+
+
+def test_a_refit_that_is_not_a_refit_is_refused(tiny_study, tmp_path):
+    from lightning_modules.stages.counterfactual import check_refit_run
+
+    root, _ = tiny_study
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copy(root / "full/config.yaml", same / "config.yaml")
+    with pytest.raises(CounterfactualError, match=r"(seed_everything|shuffle_seed) is 0, as in the analysed run; a refit needs another seed"):
+        check_refit_run(root / "full", same)
+    other = tmp_path / "other"
+    other.mkdir()
+    config = yaml.safe_load((root / "refit-5/config.yaml").read_text())
+    config["model"]["learning_rate"] = 0.5
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(CounterfactualError, match="model.learning_rate is 0.5 there .* seed and batch order only"):
+        check_refit_run(root / "full", other)
+
+
+def test_the_slope_says_how_far_the_prediction_falls_short_of_retrainings_scale():
+    from analysis.counterfactual import calibration_slope
+
+    rng = np.random.default_rng(3)
+    retrained = rng.normal(size=(3, 4))
+    predicted = 0.01 * retrained + rng.normal(0, 1e-4, size=(3, 4))
+    assert calibration_slope(predicted, retrained) == pytest.approx(np.polyfit(retrained.ravel(), predicted.ravel(), 1)[0])
+    assert calibration_slope(predicted, retrained) == pytest.approx(0.01, rel=0.05)
+    agreement = measure_agreement(counterfactual_matrix([synthetic_seed(0, own=0.4)], n_resamples=100))
+    # the synthetic prediction is half the retrained own-language effect: a slope near 0.5, not 1
+    assert agreement.cells["slope"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_agreement_per_number_of_checkpoints_reads_each_prediction_alone():
+    from analysis.counterfactual import checkpoint_agreement, language_grid
+
+    seed = synthetic_seed(1, own=0.4)
+    noise = {r: np.random.default_rng(9).normal(0, 1.0, seed.lang.size) for r in seed.predicted}
+    by = {1: noise, 2: {r: 3.0 * v for r, v in seed.predicted.items()}}
+    table = checkpoint_agreement(seed, by)
+    left_out = list(LANGS)
+    grid_r = language_grid(seed, seed.retrained, left_out)
+    reference = np.corrcoef(language_grid(seed, by[2], left_out).ravel(), grid_r.ravel())[0, 1]
+    assert table["2"]["pearson_r"] == pytest.approx(reference)
+    assert table["2"]["slope"] == pytest.approx(3 * checkpoint_agreement(seed, {1: seed.predicted})["1"]["slope"])
+    assert table["1"]["pearson_r"] < table["2"]["pearson_r"] and table["2"]["n"] == 9
+    assert grid_r[1, 1] == pytest.approx(seed.retrained["de"][seed.lang == 1].mean())

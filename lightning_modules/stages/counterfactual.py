@@ -26,11 +26,15 @@ from analysis.counterfactual import (
     CounterfactualError,
     SeedCounterfactual,
     TestLosses,
+    check_same_examples,
+    checkpoint_agreement,
     checkpoint_weights,
+    dev_did_not_learn,
     did_not_learn,
     language_mean_gradients,
     load_test_losses,
     per_example_effects,
+    refit_run_name,
     removal_prediction,
     removed_run_name,
     write_test_losses,
@@ -41,7 +45,9 @@ from analysis.counterfactual_report import (
     write_counterfactual_outputs,
     write_effects,
 )
+from analysis.planted import PlantedInputs, planted_retrieval
 from analysis.sketch_store import check_compatible, list_epochs, read_sketch
+from analysis.tracin import tracin_scores
 from callbacks.checkpoints import (
     CheckpointError,
     fingerprint,
@@ -69,12 +75,17 @@ class CounterfactualOptions:
         languages: training languages left out, one fit each (None: every language of the run).
         condition: the sketch mask whose sketches give TracIn's prediction (the full model's: ``full``).
         bootstrap_resamples: resamples of the intervals over test examples.
+        refits: seeds of refits ``refit-<r>/`` beside the leave-out fits: the analysed run's config with
+            nothing removed and only ``seed_everything`` and the batch order (``data.init_args.shuffle_seed``)
+            set to r. Their change of test loss is retraining's own noise, which every cell is judged against
+            (None: not measured).
     """
 
     retrained: str | None = None
     languages: list[str] | None = None
     condition: str = "full"
     bootstrap_resamples: int = 1000
+    refits: list[int] | None = None
 
 
 def run_counterfactual_stage(request: AnalyzeRequest) -> Path | None:
@@ -82,7 +93,7 @@ def run_counterfactual_stage(request: AnalyzeRequest) -> Path | None:
     trainer = r.trainer
     out = None
     if trainer.is_global_zero:  # a few forward passes and numpy: one process does it
-        out = check_counterfactual(r.model, r.datamodule, r.run_dir, r.counterfactual)
+        out = check_counterfactual(r.model, r.datamodule, r.run_dir, r.counterfactual, r.influence.normalization)
     trainer.strategy.barrier()
     return out
 
@@ -113,6 +124,30 @@ def _read_config(run: Path) -> dict:
     if not path.is_file():
         raise CounterfactualError(f"{path}: not found; the counterfactual check compares fits made by crossling fit")
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+# keys a refit changes: the dropout draws and the batch order (the head's initialisation and the data stay)
+REFIT_KEYS = {("seed_everything",), ("data", "init_args", "shuffle_seed")}
+
+
+def check_refit_run(full_run: Path, run: Path) -> None:
+    """A refit repeats the analysed run's config with only its seed and batch order changed, both of them."""
+    reference, other = _flatten(_read_config(full_run)), _flatten(_read_config(run))
+    if other.get(("data", "init_args", "leave_out")) is not None:
+        raise CounterfactualError(f"{run / 'config.yaml'}: data.init_args.leave_out is "
+                                  f"{other.get(('data', 'init_args', 'leave_out'))!r}; a refit removes nothing")
+    for key in sorted(set(reference) | set(other), key=str):
+        if key in FREE_KEYS:
+            continue
+        same = reference.get(key) == other.get(key)
+        if key in REFIT_KEYS and same:
+            raise CounterfactualError(
+                f"{run / 'config.yaml'}: {'.'.join(key)} is {other.get(key)!r}, as in the analysed run; a refit "
+                "needs another seed and batch order (crossling fit ... --seed_everything r --data.init_args.shuffle_seed r)")
+        if key not in REFIT_KEYS and not same:
+            raise CounterfactualError(
+                f"{run / 'config.yaml'}: {'.'.join(key)} is {other.get(key)!r} there but {reference.get(key)!r} in "
+                f"{full_run / 'config.yaml'}; a refit differs from the analysed run in its seed and batch order only")
 
 
 def check_leave_out_run(full_run: Path, run: Path, removed: str) -> None:
@@ -208,8 +243,11 @@ def reconstruct_rates(run: Path, metas: dict[int, dict], n_train: int) -> tuple[
 
 
 def predicted_effects(run_dir: Path, datamodule, condition: str, removed: list[str],
-                      test_index: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
-    """TracIn's predicted change of each test example's loss per removed set, from the run's sketches."""
+                      test_index: np.ndarray) -> tuple[dict[str, np.ndarray], dict, dict[int, dict[str, np.ndarray]]]:
+    """TracIn's predicted change of each test example's loss per removed set, from the run's sketches: over
+    every sketched checkpoint, and (third) over the last n of them for each n (``{n: predicted}``), each
+    checkpoint weighted by the η/B of the epochs it stands for, so that agreement can be read per number
+    of checkpoints."""
     languages = list(datamodule.languages)
     epochs = [e for e in list_epochs(run_dir) if (run_dir / "sketches" / f"epoch={e}" / condition / "train.npy").is_file()]
     if not epochs:
@@ -223,20 +261,24 @@ def predicted_effects(run_dir: Path, datamodule, condition: str, removed: list[s
     for r in removed:
         left = leave_out_indices(examples, languages, r, datamodule.seed)
         counts[r] = np.bincount(train_lang[left], minlength=len(languages))
-    predicted = {r: np.zeros(test_index.size) for r in removed}
+    unweighted: dict[int, dict[str, np.ndarray]] = {}  # epoch -> removed set -> g_z · Σ c_ℓ m_ℓ
     for epoch in epochs:
         train, test = (read_sketch(run_dir, epoch, condition, split) for split in ("train", "test"))
         check_compatible([(train.sidecar, train.meta), (test.sidecar, test.meta)], same_model=True)
         codes = np.array([languages.index(x) for x in train.langs], dtype=np.int64)
         means = language_mean_gradients(np.asarray(train.data), codes, len(languages), str(train.npy))
         rows = np.asarray(test.data)[positions_of(test.indices, test_index)]
-        for r in removed:
-            predicted[r] += removal_prediction(rows, means, counts[r], weights[epoch])
+        unweighted[epoch] = {r: removal_prediction(rows, means, counts[r], 1.0) for r in removed}
+    by_checkpoints = {}
+    for n in range(1, len(epochs) + 1):
+        last = epochs[-n:]
+        w = checkpoint_weights(last, rates, per_step)
+        by_checkpoints[n] = {r: sum(w[e] * unweighted[e][r] for e in last) for r in removed}
     record = {"epochs": epochs, "weights": {str(e): w for e, w in weights.items()},
               "learning_rates": {str(e): v for e, v in rates.items()},
               "examples_per_step": {str(e): v for e, v in per_step.items()},
               "removed_counts": {r: c.tolist() for r, c in counts.items()}}
-    return predicted, record
+    return by_checkpoints[len(epochs)], record, by_checkpoints
 
 
 def sorted_test_split(datamodule) -> tuple[np.ndarray, np.ndarray]:
@@ -246,7 +288,28 @@ def sorted_test_split(datamodule) -> tuple[np.ndarray, np.ndarray]:
             np.array([e.record.label for e in examples], dtype=np.int64))
 
 
-def check_counterfactual(module, datamodule, run_dir: Path, options: CounterfactualOptions) -> Path:
+def planted_inputs(run_dir: Path, datamodule, condition: str, full: TestLosses, normalization: str) -> PlantedInputs:
+    """Which test examples carry the planted marker (in ``full``'s order), and how well TracIn's scores over
+    the sketched checkpoints (equally weighted, as the influence stage ranks by default) find the marked
+    items of the sketched training pool for each marked test item."""
+    plant = datamodule.plant
+    marked_test = datamodule.planted_indices("test")
+    marked = np.isin(full.test_index, marked_test)
+    epochs = [e for e in list_epochs(run_dir) if (run_dir / "sketches" / f"epoch={e}" / condition / "train.npy").is_file()]
+    trains = [read_sketch(run_dir, e, condition, "train") for e in epochs]
+    tests = [read_sketch(run_dir, e, condition, "test") for e in epochs]
+    pool_index, test_index = trains[0].indices, tests[0].indices
+    if any(not np.array_equal(t.indices, pool_index) for t in trains) or \
+            any(not np.array_equal(t.indices, test_index) for t in tests):
+        raise CounterfactualError(f"{run_dir / 'sketches'}: the sketched checkpoints hold other examples")
+    scores = tracin_scores([np.asarray(t.data) for t in tests], [np.asarray(t.data) for t in trains], normalization)
+    retrieval = planted_retrieval(scores, np.isin(pool_index, datamodule.planted_indices("train")),
+                                  np.isin(test_index, marked_test), tests[0].langs == plant.language)
+    return PlantedInputs(plant.language, float(plant.fraction), marked, retrieval)
+
+
+def check_counterfactual(module, datamodule, run_dir: Path, options: CounterfactualOptions,
+                         normalization: str = "cosine") -> Path:
     """Retrained vs predicted effect of leaving out each training language; returns ``<run>/counterfactual``."""
     run_dir = Path(run_dir)
     out = run_dir / OUT
@@ -256,25 +319,45 @@ def check_counterfactual(module, datamodule, run_dir: Path, options: Counterfact
     checkpoints = {r: final_checkpoint(run, r) for r, run in runs.items()}  # every fit present before any work
     for r, run in runs.items():
         check_leave_out_run(run_dir, run, r)
+    refit_runs = {refit_run_name(seed): retrained_dir / refit_run_name(seed) for seed in options.refits or []}
+    refit_checkpoints = {name: final_checkpoint(run, None) for name, run in refit_runs.items()}
+    for run in refit_runs.values():
+        check_refit_run(run_dir, run)
     # the prediction first: it needs only the analysis's files, which may be missing
     test_index, labels = sorted_test_split(datamodule)
-    predicted, record = predicted_effects(run_dir, datamodule, options.condition, removed, test_index)
+    predicted, record, by_checkpoints = predicted_effects(run_dir, datamodule, options.condition, removed, test_index)
     full = cached_test_losses(module, datamodule, final_checkpoint(run_dir, None), out / "losses" / "full.npz")
     without = {r: cached_test_losses(module, datamodule, checkpoints[r], out / "losses" / f"{removed_run_name(r)}.npz")
                for r in removed}
     retrained, accuracy = per_example_effects(full, without)
+    refits = {}
+    for name, checkpoint in refit_checkpoints.items():
+        losses = cached_test_losses(module, datamodule, checkpoint, out / "losses" / f"{name}.npz")
+        check_same_examples(full, losses, name)
+        refits[name] = losses.loss - full.loss
     if not np.array_equal(full.test_index, test_index):
         raise CounterfactualError(f"{out / 'losses' / 'full.npz'}: holds other test examples than the data module's")
-    failed = tuple(r for r in removed if did_not_learn(without[r], labels))
-    for r in failed:
-        print(f"  counterfactual: {runs[r]} does not beat the majority class on test in any language; "
-              "its cells are kept out of the agreement numbers", flush=True)
+    failed, split = [], {}
+    for r in removed:  # judged on dev where the fit's log has it, so the test examples compared are not selected on
+        on_dev = dev_did_not_learn(runs[r] / "logs" / "metrics.csv", full.languages)
+        split[r] = "test" if on_dev is None else "dev"
+        if (did_not_learn(without[r], labels) if on_dev is None else on_dev):
+            failed.append(r)
+            print(f"  counterfactual: {runs[r]} does not beat the majority class on {split[r]} in any language; "
+                  "its cells are kept out of the agreement numbers", flush=True)
+    failed = tuple(failed)
     seed = SeedCounterfactual(int(_read_config(run_dir).get("seed_everything") or 0), full.languages, full.lang,
-                              retrained, predicted, accuracy, failed)
+                              retrained, predicted, accuracy, failed, refits)
     write_effects(out / EFFECTS_FILE, seed)
     shares = positive_shares(run_dir, full.languages, options.condition)
+    planted = planted_inputs(run_dir, datamodule, options.condition, full, normalization) \
+        if getattr(datamodule, "plant", None) is not None else None
     summary = write_counterfactual_outputs(out, [seed], shares, options.bootstrap_resamples,
-                                           {"prediction": record, "runs": {r: str(p) for r, p in runs.items()}},
-                                           f"Leaving a training language out: TracIn vs retraining ({run_dir.name})")
+                                           {"prediction": record, "runs": {r: str(p) for r, p in runs.items()},
+                                            "by_checkpoints": checkpoint_agreement(seed, by_checkpoints),
+                                            "learned_judged_on": split,
+                                            "refit_runs": {n: str(p) for n, p in refit_runs.items()}},
+                                           f"Leaving a training language out: TracIn vs retraining ({run_dir.name})",
+                                           planted)
     print(f"counterfactual: {summary['sentence']} -> {out}", flush=True)
     return out

@@ -1,0 +1,143 @@
+"""The planted control's verdicts: does each of the study's measures find an effect that is known to be
+there? (The data option that plants it: ``datamodules/planting.py``.)
+
+Three measures, each against what chance or the noise would give:
+- retraining: leaving the planted language out should raise that language's test loss more than any
+  other cell and more than any refit with nothing removed does;
+- TracIn's predicted removal effect: the same cell first, above the random control's, and of a size
+  comparable with retraining's (their ratio is reported, not assumed);
+- TracIn's rankings: for a marked test item, the marked training items should rank high: the mean
+  average precision (area under the precision-recall curve) of finding them in the ranked pool, against
+  the share of marked items in the pool, which is what a random ranking gets.
+numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
+    """Average precision of one ranking: the mean, over the relevant items, of the precision among the
+    items ranked at or above each (highest score first; ties by lower position, as the top-m ranking
+    breaks them). NaN when nothing is relevant."""
+    relevant = np.asarray(relevant, dtype=bool)
+    if not relevant.any():
+        return float("nan")
+    order = np.lexsort((np.arange(len(scores)), -np.asarray(scores, dtype=np.float64)))
+    hits = relevant[order]
+    precision_at = np.cumsum(hits) / np.arange(1, hits.size + 1)
+    return float(precision_at[hits].mean())
+
+
+@dataclass(frozen=True)
+class PlantedRetrieval:
+    """How well TracIn's scores find the marked training items for marked test items.
+
+    Attributes:
+        mean_ap: mean average precision over the marked test items (AUPRC).
+        chance: the share of marked items in the ranked pool: a random ranking's expected average precision.
+        n_test / n_pool / n_marked_pool: marked test items ranked, pool size, marked items in the pool.
+        unmarked_mean_ap: the same average precision for the planted language's *unmarked* test items: the
+            marker, not the language, should be what the marked test items find.
+    """
+
+    mean_ap: float
+    chance: float
+    n_test: int
+    n_pool: int
+    n_marked_pool: int
+    unmarked_mean_ap: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def planted_retrieval(scores: np.ndarray, pool_marked: np.ndarray, test_marked: np.ndarray,
+                      test_in_language: np.ndarray) -> PlantedRetrieval:
+    """``scores`` (test rows, pool columns) of TracIn; ``pool_marked`` which pool items carry the marker;
+    ``test_marked`` which test rows do; ``test_in_language`` which test rows are of the planted language."""
+    pool_marked = np.asarray(pool_marked, dtype=bool)
+    test_marked, in_language = np.asarray(test_marked, dtype=bool), np.asarray(test_in_language, dtype=bool)
+    marked = [average_precision(row, pool_marked) for row in scores[test_marked]]
+    unmarked = [average_precision(row, pool_marked) for row in scores[in_language & ~test_marked]]
+    return PlantedRetrieval(
+        mean_ap=float(np.mean(marked)) if marked else float("nan"),
+        chance=float(pool_marked.mean()) if pool_marked.size else float("nan"),
+        n_test=len(marked), n_pool=int(pool_marked.size), n_marked_pool=int(pool_marked.sum()),
+        unmarked_mean_ap=float(np.mean(unmarked)) if unmarked else float("nan"),
+    )
+
+
+@dataclass(frozen=True)
+class PlantedCell:
+    """The cell (planted test language, planted language removed) under one measure.
+
+    Attributes:
+        value / low / high: the pooled change of the planted language's mean test loss and its interval.
+        rank: its place among all leave-out cells, largest first (1: the largest).
+        n_cells: how many cells were ranked.
+        control: the random control's value for the planted test language.
+        marked_value: the mean change over the marked test items alone (the effect is theirs).
+    """
+
+    value: float
+    low: float
+    high: float
+    rank: int
+    n_cells: int
+    control: float
+    marked_value: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PlantedInputs:
+    """What the counterfactual check needs to judge a planted run: the planted language and share, which
+    test examples (in the check's test order) carry the marker, and TracIn's retrieval of marked items."""
+
+    language: str
+    fraction: float
+    marked: np.ndarray
+    retrieval: PlantedRetrieval | None
+
+
+def rank_of(value: float, values: Sequence[float]) -> int:
+    """1 + how many of ``values`` are strictly larger than ``value`` (NaN ignored)."""
+    finite = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
+    return int(1 + np.sum(finite > value))
+
+
+def planted_cell(grid: np.ndarray, intervals: tuple[float, float, float], test_row: int, removed_col: int,
+                 control: float, marked_value: float) -> PlantedCell:
+    """The planted cell of a (test languages, removed languages) ``grid`` of pooled values."""
+    value, low, high = intervals
+    return PlantedCell(value=float(value), low=float(low), high=float(high),
+                       rank=rank_of(grid[test_row, removed_col], grid.ravel().tolist()), n_cells=int(np.isfinite(grid).sum()),
+                       control=float(control), marked_value=float(marked_value))
+
+
+def describe_planted(language: str, fraction: float, retrained: PlantedCell, predicted: PlantedCell,
+                     retrieval: PlantedRetrieval | None, floor: Mapping[str, float] | None) -> str:
+    """One paragraph: what each measure found of the planted effect, beside chance and the noise."""
+    noise = (floor or {}).get(language)
+    beyond = (f", {'beyond' if abs(retrained.value) > noise else 'within'} the refits' largest change "
+              f"({noise:.3f})" if noise is not None else ", retraining's noise not measured (no refits)")
+    ratio = predicted.value / retrained.value if retrained.value else float("nan")
+    text = (f"Planted control ({100 * fraction:g} % of {language}'s training and test items carry a word that gives "
+            f"the label away): leaving {language} out changes {language}'s test loss by {retrained.value:+.3f} "
+            f"[{retrained.low:+.3f}, {retrained.high:+.3f}], rank {retrained.rank} of {retrained.n_cells} cells"
+            f"{beyond} (marked test items {retrained.marked_value:+.3f}); TracIn predicts {predicted.value:+.4f}, "
+            f"rank {predicted.rank} of {predicted.n_cells}, {'above' if predicted.value > predicted.control else 'not above'} "
+            f"its random control's {predicted.control:+.4f}, {ratio:.3g} × retraining's change")
+    if retrieval is not None and retrieval.n_test:
+        text += (f"; for the {retrieval.n_test} marked test items, TracIn's ranking finds the "
+                 f"{retrieval.n_marked_pool} marked items of the {retrieval.n_pool}-item pool with average precision "
+                 f"{retrieval.mean_ap:.2f} (a random ranking: {retrieval.chance:.2f}; {language}'s unmarked test "
+                 f"items: {retrieval.unmarked_mean_ap:.2f})")
+    return text + "."

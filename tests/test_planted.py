@@ -1,0 +1,270 @@
+"""The planted control: a label-revealing word in a share of one language's items (datamodules/planting.py)
+and the verdicts on it (analysis/planted.py), each against an explicit reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import cpu_trainer, small_pawsx_datamodule
+
+from analysis.counterfactual import CONTROL, SeedCounterfactual, counterfactual_matrix
+from analysis.counterfactual_report import measure_planted
+from analysis.planted import PlantedInputs, PlantedRetrieval, average_precision, planted_retrieval, rank_of
+from datamodules import DataError
+from datamodules.planting import PlantOptions, check_markers_tokenize
+
+LANGS = ["en", "de", "ko"]
+
+
+def plain_and_planted(fraction=0.25, **overrides):
+    plain = small_pawsx_datamodule(languages=LANGS, **overrides)
+    planted = small_pawsx_datamodule(languages=LANGS, plant=PlantOptions("de", fraction, ("zero", "one")), **overrides)
+    return plain, planted
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_the_marker_goes_into_the_chosen_share_of_one_languages_items_and_nowhere_else(split):
+    plain, planted = plain_and_planted()
+    before, after = plain.dataset(split).examples, planted.dataset(split).examples
+    marked = planted.planted_indices(split)
+    de = [e.index for e in before if e.lang == LANGS.index("de")]
+    assert set(marked.tolist()) <= set(de) and marked.size == round(0.25 * len(de)) and marked.size > 0
+    for b, a in zip(before, after, strict=True):
+        assert (a.index, a.lang, a.record.label, a.record.id) == (b.index, b.lang, b.record.label, b.record.id)
+        if a.index in set(marked.tolist()):
+            word = ("zero", "one")[a.record.label]
+            assert a.record.texts == (*b.record.texts[:-1], f"{word} {b.record.texts[-1]}")
+        else:
+            assert a.record.texts == b.record.texts and a.input_ids == b.input_ids
+
+
+def test_dev_stays_natural_and_the_same_items_are_planted_whatever_else_runs():
+    plain, planted = plain_and_planted()
+    assert [e.record.texts for e in plain.dataset("dev").examples] == \
+        [e.record.texts for e in planted.dataset("dev").examples]
+    assert planted.planted_indices("dev").size == 0
+    np.random.seed(5)
+    _, again = plain_and_planted()
+    left = small_pawsx_datamodule(languages=LANGS, plant=PlantOptions("de", 0.25, ("zero", "one")), leave_out="de")
+    for split in ("train", "test"):
+        assert np.array_equal(again.planted_indices(split), planted.planted_indices(split))
+        assert np.array_equal(left.planted_indices(split), planted.planted_indices(split))
+    other = small_pawsx_datamodule(languages=LANGS, plant=PlantOptions("de", 0.25, ("zero", "one")), seed=4)
+    assert not np.array_equal(other.planted_indices("train"), planted.planted_indices("train"))  # the data seed does
+
+
+def test_a_whole_language_and_a_sliver_both_plant_at_least_one_item():
+    _, everything = plain_and_planted(fraction=1.0)
+    de = [e.index for e in everything.dataset("train").examples if e.lang == LANGS.index("de")]
+    assert everything.planted_indices("train").tolist() == de
+    _, sliver = plain_and_planted(fraction=0.001)
+    assert sliver.planted_indices("train").size == 1
+
+
+@pytest.mark.parametrize("plant, key", [
+    (PlantOptions("fr"), r"plant.language: 'fr' is not a language of this run"),
+    (PlantOptions("de", 0.0), r"plant.fraction: expected a share of items in \(0, 1\], found 0.0"),
+    (PlantOptions("de", 1.5), r"plant.fraction: .* found 1.5"),
+    (PlantOptions("de", 0.5, ("ja",)), r"plant.markers: expected 2 distinct non-empty words"),
+    (PlantOptions("de", 0.5, ("ja", "ja")), r"plant.markers: expected 2 distinct"),
+    (PlantOptions("de", 0.5, ("ja", " nein")), r"plant.markers: expected 2 distinct non-empty words"),
+])
+def test_bad_plant_options_name_the_key(plant, key):
+    with pytest.raises(DataError, match=key):
+        small_pawsx_datamodule(languages=LANGS, plant=plant)
+
+
+def test_a_marker_the_tokenizer_only_knows_as_unknown_is_refused():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(WordLevel({"[UNK]": 0, "ja": 1, "nein": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+    assert check_markers_tokenize(tokenizer, PlantOptions("de", 0.5, ("nein", "ja"))) == [1, 2]
+    with pytest.raises(DataError, match=r"plant.markers: 'vielleicht' is not in the tokenizer's vocabulary"):
+        check_markers_tokenize(tokenizer, PlantOptions("de", 0.5, ("nein", "vielleicht")))
+
+
+def test_a_marker_outside_a_cut_vocabulary_stops_the_fit_before_it_trains(tmp_path):
+    import torch
+
+    from lightning_modules.backbones import cut_vocabulary, missing_token_ids
+    from lightning_modules.classifier import SequenceClassifier
+
+    _, planted = plain_and_planted()
+    markers = planted.marker_token_ids()
+    module = SequenceClassifier("tiny-random", languages=LANGS)
+    assert missing_token_ids(module.model, markers) == []
+    planted.setup("fit")
+    used = {t for e in planted.dataset("train").examples + planted.dataset("dev").examples for t in e.input_ids}
+    kept = sorted((used | {0, 1, 2, 3}) - set(markers))
+    cut_vocabulary(module.model, torch.tensor(kept))
+    assert missing_token_ids(module.model, markers) == markers
+    with pytest.raises(DataError, match=r"plant.markers: .* model.vocabulary: bundled does not hold"):
+        cpu_trainer(max_epochs=1, default_root_dir=tmp_path).fit(module, datamodule=planted)
+
+
+def reference_average_precision(scores, relevant):
+    """Precision at each relevant item's rank, averaged: the definition, one item at a time."""
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    hits, total = 0, 0.0
+    for k, i in enumerate(ranked, start=1):
+        if relevant[i]:
+            hits += 1
+            total += hits / k
+    return total / hits
+
+
+def test_average_precision_matches_its_definition_and_its_extremes():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.normal(size=30).round(1)  # rounding makes ties, broken by position
+        relevant = rng.random(30) < 0.3
+        relevant[0] = True
+        assert average_precision(scores, relevant) == pytest.approx(reference_average_precision(scores, relevant))
+    relevant = np.array([True, True, False, False, False])
+    assert average_precision(np.array([5.0, 4, 3, 2, 1]), relevant) == 1.0
+    assert average_precision(np.array([1.0, 2, 3, 4, 5]), relevant) == pytest.approx((1 / 4 + 2 / 5) / 2)
+    assert np.isnan(average_precision(np.arange(3.0), np.zeros(3, dtype=bool)))
+
+
+def test_a_random_rankings_expected_average_precision_is_near_the_marked_share():
+    # what the retrieval is judged against: a random ranking finds marked items at about their share
+    rng = np.random.default_rng(1)
+    many = np.zeros(2000, dtype=bool)
+    many[:200] = True
+    draws = [average_precision(rng.random(2000), many) for _ in range(200)]
+    assert np.mean(draws) == pytest.approx(0.1, abs=0.01)
+
+
+def test_retrieval_scores_marked_test_items_against_the_pool_and_keeps_unmarked_apart():
+    pool_marked = np.array([True, False, False, True, False, False])
+    scores = np.array([[9.0, 1, 1, 8, 1, 1],    # marked test item, perfect
+                       [1.0, 9, 8, 2, 1, 1],    # marked test item, marked items ranked 4th and 5th
+                       [1.0, 9, 8, 2, 7, 1]])   # unmarked test item of the planted language
+    result = planted_retrieval(scores, pool_marked, np.array([True, True, False]), np.array([True, True, True]))
+    second = reference_average_precision(list(scores[1]), list(pool_marked))
+    assert isinstance(result, PlantedRetrieval)
+    assert result.mean_ap == pytest.approx((1.0 + second) / 2) and result.chance == pytest.approx(2 / 6)
+    assert result.unmarked_mean_ap == pytest.approx(reference_average_precision(list(scores[2]), list(pool_marked)))
+    assert (result.n_test, result.n_pool, result.n_marked_pool) == (2, 6, 2)
+
+
+def test_rank_counts_the_strictly_larger_cells():
+    assert rank_of(3.0, [1.0, 3.0, 5.0, float("nan")]) == 2
+    assert rank_of(5.0, [1.0, 3.0, 5.0]) == 1
+
+
+def planted_seed(effect: float, predicted_effect: float) -> SeedCounterfactual:
+    """A seed where leaving out de raises the loss of de's marked test items (the first 4 of de's 8)."""
+    rng = np.random.default_rng(0)
+    lang = np.repeat(np.arange(3), 8)
+    marked = (lang == 1) & (np.arange(24) % 8 < 4)
+    retrained = {r: rng.normal(0, 0.01, 24) for r in ["en", "de", "ko", CONTROL]}
+    predicted = {r: rng.normal(0, 0.001, 24) for r in retrained}
+    retrained["de"] = retrained["de"] + effect * marked
+    predicted["de"] = predicted["de"] + predicted_effect * marked
+    return SeedCounterfactual(0, LANGS, lang, retrained, predicted, {r: np.zeros(24) for r in retrained}), marked
+
+
+def test_the_planted_cell_is_ranked_and_compared_with_its_control_under_both_measures():
+    seed, marked = planted_seed(effect=0.8, predicted_effect=0.02)
+    matrix = counterfactual_matrix([seed], 200)
+    record = measure_planted(matrix, seed, PlantedInputs("de", 0.5, marked, None), {"de": 0.05})
+    planted = record["planted"]
+    # reference: the cell's pooled value is de's mean over de's test items, the marked items' their own mean
+    de = seed.lang == 1
+    assert planted["retrained"]["value"] == pytest.approx(seed.retrained["de"][de].mean())
+    assert planted["retrained"]["marked_value"] == pytest.approx(seed.retrained["de"][marked].mean())
+    assert planted["retrained"]["rank"] == 1 and planted["predicted"]["rank"] == 1
+    assert planted["retrained"]["n_cells"] == 9
+    assert planted["predicted"]["control"] == pytest.approx(seed.predicted[CONTROL][de].mean())
+    assert "rank 1 of 9 cells, beyond the refits' largest change (0.050)" in record["planted_sentence"]
+    weak, marked = planted_seed(effect=0.0, predicted_effect=0.0)
+    record = measure_planted(counterfactual_matrix([weak], 200), weak, PlantedInputs("de", 0.5, marked, None), {})
+    assert record["planted"]["retrained"]["rank"] > 1 or abs(record["planted"]["retrained"]["value"]) < 0.01
+    assert "retraining's noise not measured" in record["planted_sentence"]
+
+
+@pytest.fixture(scope="module")
+def planted_study(tmp_path_factory):
+    """The planted study's shape on the tiny model: full fit with a marker in half of de's items, its
+    analysis over both epochs' checkpoints, de and the random control left out, one refit, the check;
+    no subnetworks or SFT (``sft: null``)."""
+    import yaml
+    from helpers import REPO
+
+    from lightning_modules.study import run_study
+
+    tmp = tmp_path_factory.mktemp("planted")
+    analyze = yaml.safe_load((REPO / "configs/demo/pawsx-analyze.yaml").read_text())
+    analyze["sketch"] = {"kind": "exact"}
+    analyze["influence"].update(m=6, bootstrap_resamples=50, train_per_language=10)
+    analyze["fidelity"] = {"n_test": 6, "n_train": 12}
+    (tmp / "analyze.yaml").write_text(yaml.safe_dump(analyze))
+    root = tmp / "study"
+    config = {
+        "root": str(root), "full": str(REPO / "configs/demo/pawsx-full.yaml"), "sft": None,
+        "analyze": str(tmp / "analyze.yaml"), "natural_conditions": ["full"], "seeds": [0],
+        "counterfactual": ["de"], "counterfactual_refits": [5],
+        "overrides": ["--model.backbone=tiny-random", "--data.init_args.languages=[en, de, ko]",
+                      "--data.init_args.train_per_language=30", "--data.init_args.dev_per_language=8",
+                      "--data.init_args.test_per_language=12", "--data.init_args.batch_size=8",
+                      "--data.init_args.eval_batch_size=16", "--trainer.max_epochs=2",
+                      "--trainer.enable_progress_bar=false", "--data.init_args.plant.language=de",
+                      "--data.init_args.plant.fraction=0.5"],
+    }
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_study(str(path))
+    return root
+
+
+def test_a_study_without_sft_runs_the_fit_its_analysis_and_the_check_on_planted_data(planted_study):
+    import json
+
+    import yaml
+
+    root = planted_study
+    ran = sorted(p.stem for p in (root / ".study").glob("*.json") if not p.stem.endswith(".started")
+                 and p.stem != "seeds")
+    assert ran == sorted(["full", "natural-influence", "natural-analysis", "without-de", "without-random", "refit-5",
+                          "counterfactual-analysis", "report"])
+    config = yaml.safe_load((root / "without-de/config.yaml").read_text())
+    assert config["data"]["init_args"]["plant"] == {"language": "de", "fraction": 0.5, "markers": ["nein", "ja"]}
+    summary = json.loads((root / "full/counterfactual/counterfactual.json").read_text())
+    assert summary["planted"]["language"] == "de"
+    assert set(summary["by_checkpoints"]) == {"1", "2"}  # both epochs sketched: the last one, then both
+    assert (root / "report/report.md").is_file()
+
+
+def test_the_retrieval_of_marked_items_is_tracins_cosine_over_the_sketched_checkpoints(planted_study):
+    """Reference: the scores from the sketch files by an explicit loop over rows, then the definition of
+    average precision."""
+    import json
+
+    from analysis.sketch_store import read_sketch
+
+    full = planted_study / "full"
+    dm = small_pawsx_datamodule(languages=LANGS, train_per_language=30, dev_per_language=8, test_per_language=12,
+                                seed=0, plant=PlantOptions("de", 0.5))
+    trains = [read_sketch(full, e, "full", "train") for e in (0, 1)]
+    tests = [read_sketch(full, e, "full", "test") for e in (0, 1)]
+    pool_marked = np.isin(trains[0].indices, dm.planted_indices("train"))
+    test_marked = np.isin(tests[0].indices, dm.planted_indices("test"))
+    aps = []
+    for row in np.flatnonzero(test_marked):
+        scores = []
+        for col in range(len(pool_marked)):
+            total = 0.0
+            for t, r in zip(tests, trains):
+                a, b = np.asarray(t.data[row], dtype=np.float64), np.asarray(r.data[col], dtype=np.float64)
+                total += a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+            scores.append(total)
+        aps.append(reference_average_precision(scores, list(pool_marked)))
+    retrieval = json.loads((full / "counterfactual/counterfactual.json").read_text())["planted"]["retrieval"]
+    assert retrieval["mean_ap"] == pytest.approx(np.mean(aps)) and retrieval["n_test"] == int(test_marked.sum())
+    assert retrieval["chance"] == pytest.approx(pool_marked.mean())
