@@ -4,6 +4,7 @@ the figures, for one seed (the stage) or pooled over seeds (the study report).""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -143,4 +144,27 @@ def counterfactual_section(seed_roots: dict[int, Path], out: Path) -> list[str]:
           f"![predicted vs retrained]({rel}/predicted_vs_retrained.png)", "",
           f"![counterfactual matrices]({rel}/counterfactual_matrices.png)", "",
           f"Data: [counterfactual.csv]({rel}/counterfactual.csv), [counterfactual.json]({rel}/counterfactual.json)", ""]
+    return md + seed_notes(seed_roots, [s.seed for s in seeds])
+
+
+def seed_notes(seed_roots: dict[int, Path], seeds: list[int]) -> list[str]:
+    """What each seed's own check found that pooling does not carry: the planted control's verdicts and the
+    prediction's agreement with retraining from the last 1, 2, ... checkpoints (from its ``counterfactual.json``)."""
+    md = []
+    for seed in seeds:
+        path = seed_roots[seed] / "full" / RUN_FOLDER / "counterfactual.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # an older stage's file: the pooled numbers above still hold
+        if record.get("planted_sentence"):
+            md += [f"**Seed {seed}.** {record['planted_sentence']}", ""]
+        elif isinstance(record.get("planted"), dict) and record["planted"].get("note"):
+            md += [f"**Seed {seed}, planted control:** {record['planted']['note']}.", ""]
+        by = record.get("by_checkpoints") or {}
+        if len(by) > 1:
+            parts = [f"last {n}: r = {a['pearson_r']:.2f} (p = {a['permutation_p']:.2f}), slope {a['slope']:.3g}"
+                     for n, a in sorted(by.items(), key=lambda kv: int(kv[0]))]
+            md += [f"**Seed {seed}, prediction by checkpoints used** (over {next(iter(by.values()))['n']} cells): "
+                   + "; ".join(parts) + ".", ""]
     return md

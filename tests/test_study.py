@@ -257,8 +257,15 @@ def test_list_shows_the_seeds_and_what_is_done(two_seeds):
     ({"seeds": []}, "key 'seeds': expected a non-empty list of integers"),
     ({"seeds": [0, 1, 0]}, "seed(s) [0] repeated"),
     ({"seeds": [0, 1], "fidelity_seeds": [2]}, "key 'fidelity_seeds': [2] not among"),
+    ({"sft": [str(REPO / "configs/demo/pawsx-sft.yaml"), "nowhere.yaml"]},
+     "key 'sft': config file(s) ['nowhere.yaml'] not found"),
+    ({"analyze": []}, "key 'analyze': expected a config file or a non-empty list of them, found []"),
+    ({"full": None}, "key 'full': expected a config file or a non-empty list of them, found None"),
+    ({"counterfactual_refits": [10]}, "key 'counterfactual_refits' needs the key 'counterfactual'"),
+    ({"seeds": [0], "counterfactual": ["de"], "counterfactual_refits": [0]},
+     "key 'counterfactual_refits': expected a non-empty list of distinct integer seeds other than"),
 ])
-def test_a_bad_seed_list_is_one_clear_line_before_anything_runs(tmp_path, keys, message):
+def test_a_bad_seed_list_or_stage_config_is_one_clear_line_before_anything_runs(tmp_path, keys, message):
     config = write_study(tmp_path, tmp_path / "runs", **keys)
     proc = study(config)
     out, _ = proc.communicate(timeout=300)
