@@ -71,7 +71,7 @@ def build(run: Path):
     if data.get("plant"):
         plant = data["plant"]
         data["plant"] = PlantOptions(plant["language"], plant["fraction"], tuple(plant["markers"]))
-    datamodule = XNLIDataModule(**data)
+    datamodule = XNLIDataModule(**data, backbone=config["model"]["backbone"])  # the CLI links it so
     datamodule.setup("fit")
     model_args = {k: v for k, v in config["model"].items() if k in ("backbone", "num_labels", "attn_implementation",
                                                                      "num_layers", "vocabulary")}
