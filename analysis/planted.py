@@ -43,6 +43,10 @@ class PlantedRetrieval:
         n_test / n_pool / n_marked_pool: marked test items ranked, pool size, marked items in the pool.
         unmarked_mean_ap: the same average precision for the planted language's *unmarked* test items: the
             marker, not the language, should be what the marked test items find.
+        m: the top-m of the shares below (None: not measured).
+        top_m_share_marked / top_m_share_unmarked: the planted language's share of the top-m training items
+            of its marked and of its unmarked test items: the in-language share the report draws, split by
+            whether the test item carries the marker (an unplanted run is the unmarked items' level).
     """
 
     mean_ap: float
@@ -51,24 +55,36 @@ class PlantedRetrieval:
     n_pool: int
     n_marked_pool: int
     unmarked_mean_ap: float
+    m: int | None = None
+    top_m_share_marked: float = float("nan")
+    top_m_share_unmarked: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def planted_retrieval(scores: np.ndarray, pool_marked: np.ndarray, test_marked: np.ndarray,
-                      test_in_language: np.ndarray) -> PlantedRetrieval:
+                      test_in_language: np.ndarray, pool_in_language: np.ndarray | None = None,
+                      m: int | None = None) -> PlantedRetrieval:
     """``scores`` (test rows, pool columns) of TracIn; ``pool_marked`` which pool items carry the marker;
-    ``test_marked`` which test rows do; ``test_in_language`` which test rows are of the planted language."""
+    ``test_marked`` which test rows do; ``test_in_language`` which test rows are of the planted language;
+    ``pool_in_language`` and ``m``: which pool items are, for the top-m shares (ties broken by position)."""
     pool_marked = np.asarray(pool_marked, dtype=bool)
     test_marked, in_language = np.asarray(test_marked, dtype=bool), np.asarray(test_in_language, dtype=bool)
     marked = [average_precision(row, pool_marked) for row in scores[test_marked]]
     unmarked = [average_precision(row, pool_marked) for row in scores[in_language & ~test_marked]]
+    shares = {}
+    if pool_in_language is not None and m:
+        pool_lang = np.asarray(pool_in_language, dtype=bool)
+        for key, rows in (("top_m_share_marked", test_marked), ("top_m_share_unmarked", in_language & ~test_marked)):
+            tops = [np.lexsort((np.arange(row.size), -row))[:m] for row in np.asarray(scores, dtype=np.float64)[rows]]
+            shares[key] = float(np.mean([pool_lang[top].mean() for top in tops])) if tops else float("nan")
     return PlantedRetrieval(
         mean_ap=float(np.mean(marked)) if marked else float("nan"),
         chance=float(pool_marked.mean()) if pool_marked.size else float("nan"),
         n_test=len(marked), n_pool=int(pool_marked.size), n_marked_pool=int(pool_marked.sum()),
         unmarked_mean_ap=float(np.mean(unmarked)) if unmarked else float("nan"),
+        m=m if shares else None, **shares,
     )
 
 
@@ -140,4 +156,7 @@ def describe_planted(language: str, fraction: float, retrained: PlantedCell, pre
                  f"{retrieval.n_marked_pool} marked items of the {retrieval.n_pool}-item pool with average precision "
                  f"{retrieval.mean_ap:.2f} (a random ranking: {retrieval.chance:.2f}; {language}'s unmarked test "
                  f"items: {retrieval.unmarked_mean_ap:.2f})")
+        if retrieval.m:
+            text += (f"; {language}'s share of their top {retrieval.m} is {100 * retrieval.top_m_share_marked:.1f} % "
+                     f"against {100 * retrieval.top_m_share_unmarked:.1f} % for {language}'s unmarked test items")
     return text + "."

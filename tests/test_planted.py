@@ -153,6 +153,28 @@ def test_retrieval_scores_marked_test_items_against_the_pool_and_keeps_unmarked_
     assert (result.n_test, result.n_pool, result.n_marked_pool) == (2, 6, 2)
 
 
+def test_the_top_m_share_of_the_planted_language_is_split_by_marked_and_unmarked_test_items():
+    """Reference: each row's m best by a full sort (stable, so ties go to the earlier item), counted by hand."""
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(9, 20)).round(1)  # rounded: ties happen, and are broken by position
+    pool_lang = rng.random(20) < 0.4
+    test_marked = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0], dtype=bool)
+    in_language = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=bool)
+    result = planted_retrieval(scores, rng.random(20) < 0.3, test_marked, in_language, pool_lang, m=4)
+
+    def share(rows):
+        values = []
+        for row in rows:
+            order = sorted(range(20), key=lambda j: (-scores[row, j], j))[:4]
+            values.append(sum(pool_lang[j] for j in order) / 4)
+        return np.mean(values)
+
+    assert result.m == 4
+    assert result.top_m_share_marked == pytest.approx(share([0, 1, 2]))
+    assert result.top_m_share_unmarked == pytest.approx(share([3, 4]))
+    assert np.isnan(planted_retrieval(scores, pool_lang, test_marked, in_language).top_m_share_marked)
+
+
 def test_rank_counts_the_strictly_larger_cells():
     assert rank_of(3.0, [1.0, 3.0, 5.0, float("nan")]) == 2
     assert rank_of(5.0, [1.0, 3.0, 5.0]) == 1

@@ -93,7 +93,8 @@ def run_counterfactual_stage(request: AnalyzeRequest) -> Path | None:
     trainer = r.trainer
     out = None
     if trainer.is_global_zero:  # a few forward passes and numpy: one process does it
-        out = check_counterfactual(r.model, r.datamodule, r.run_dir, r.counterfactual, r.influence.normalization)
+        out = check_counterfactual(r.model, r.datamodule, r.run_dir, r.counterfactual, r.influence.normalization,
+                                   r.influence.m)
     trainer.strategy.barrier()
     return out
 
@@ -288,7 +289,8 @@ def sorted_test_split(datamodule) -> tuple[np.ndarray, np.ndarray]:
             np.array([e.record.label for e in examples], dtype=np.int64))
 
 
-def planted_inputs(run_dir: Path, datamodule, condition: str, full: TestLosses, normalization: str) -> PlantedInputs:
+def planted_inputs(run_dir: Path, datamodule, condition: str, full: TestLosses, normalization: str,
+                   m: int | None = None) -> PlantedInputs:
     """Which test examples carry the planted marker (in ``full``'s order), and how well TracIn's scores over
     the sketched checkpoints (equally weighted, as the influence stage ranks by default) find the marked
     items of the sketched training pool for each marked test item."""
@@ -304,12 +306,13 @@ def planted_inputs(run_dir: Path, datamodule, condition: str, full: TestLosses, 
         raise CounterfactualError(f"{run_dir / 'sketches'}: the sketched checkpoints hold other examples")
     scores = tracin_scores([np.asarray(t.data) for t in tests], [np.asarray(t.data) for t in trains], normalization)
     retrieval = planted_retrieval(scores, np.isin(pool_index, datamodule.planted_indices("train")),
-                                  np.isin(test_index, marked_test), tests[0].langs == plant.language)
+                                  np.isin(test_index, marked_test), tests[0].langs == plant.language,
+                                  trains[0].langs == plant.language, m)
     return PlantedInputs(plant.language, float(plant.fraction), marked, retrieval)
 
 
 def check_counterfactual(module, datamodule, run_dir: Path, options: CounterfactualOptions,
-                         normalization: str = "cosine") -> Path:
+                         normalization: str = "cosine", m: int | None = None) -> Path:
     """Retrained vs predicted effect of leaving out each training language; returns ``<run>/counterfactual``."""
     run_dir = Path(run_dir)
     out = run_dir / OUT
@@ -350,7 +353,7 @@ def check_counterfactual(module, datamodule, run_dir: Path, options: Counterfact
                               retrained, predicted, accuracy, failed, refits)
     write_effects(out / EFFECTS_FILE, seed)
     shares = positive_shares(run_dir, full.languages, options.condition)
-    planted = planted_inputs(run_dir, datamodule, options.condition, full, normalization) \
+    planted = planted_inputs(run_dir, datamodule, options.condition, full, normalization, m) \
         if getattr(datamodule, "plant", None) is not None else None
     summary = write_counterfactual_outputs(out, [seed], shares, options.bootstrap_resamples,
                                            {"prediction": record, "runs": {r: str(p) for r, p in runs.items()},
