@@ -467,6 +467,13 @@ def matrix_rows(matrix: CounterfactualMatrix) -> list[dict]:
     return rows
 
 
+def permutation_words(p: float) -> str:
+    """The column-permutation p in words; with one fit left out there is nothing to exchange."""
+    if not np.isfinite(p):
+        return "no permutation p: one fit left out, nothing to exchange"
+    return f"permutation p = {p:.2f}, exchanging the fits left out"
+
+
 def describe_agreement(agreement: Agreement, matrix: CounterfactualMatrix) -> str:
     """The study summary's sentence: what retraining confirms of TracIn's language matrix."""
     n_seeds = len(next(iter(matrix.effects["retrained"].values())).seeds)
@@ -482,8 +489,9 @@ def describe_agreement(agreement: Agreement, matrix: CounterfactualMatrix) -> st
         f"Counterfactual check ({n_seeds} seed{'s' if n_seeds > 1 else ''}, one fit per training language left out "
         f"and a random control): over {agreement.n_cells} test × training-language cells, TracIn's predicted change "
         f"of test loss correlates with the retrained one at Pearson r = {cells['pearson_r']:.2f}, Spearman "
-        f"ρ = {cells['spearman_r']:.2f} (permutation p = {cells.get('permutation_p', float('nan')):.2f}, exchanging "
-        f"the fits left out; predicted per unit of retrained change, the slope: {cells.get('slope', float('nan')):.3g}), and has its sign in {100 * agreement.sign_agreement:.0f} % of cells (independent signs: "
+        f"ρ = {cells['spearman_r']:.2f} ({permutation_words(cells.get('permutation_p', float('nan')))}; predicted "
+        f"per unit of retrained change, the slope: {cells.get('slope', float('nan')):.3g}), and has its sign in "
+        f"{100 * agreement.sign_agreement:.0f} % of cells (independent signs: "
         f"{100 * agreement.sign_chance:.0f} %); "
         f"removing a test language's own training language hurts it most in {own_r} of {n} test languages "
         f"(retrained) and {own_p} of {n} (predicted)"

@@ -163,7 +163,9 @@ def seed_notes(seed_roots: dict[int, Path], seeds: list[int]) -> list[str]:
             md += [f"**Seed {seed}, planted control:** {record['planted']['note']}.", ""]
         by = record.get("by_checkpoints") or {}
         if len(by) > 1:
-            parts = [f"last {n}: r = {a['pearson_r']:.2f} (p = {a['permutation_p']:.2f}), slope {a['slope']:.3g}"
+            parts = [f"last {n}: r = {a['pearson_r']:.2f}"
+                     + (f" (p = {a['permutation_p']:.2f})" if np.isfinite(a["permutation_p"]) else "")
+                     + f", slope {a['slope']:.3g}"
                      for n, a in sorted(by.items(), key=lambda kv: int(kv[0]))]
             md += [f"**Seed {seed}, prediction by checkpoints used** (over {next(iter(by.values()))['n']} cells): "
                    + "; ".join(parts) + ".", ""]

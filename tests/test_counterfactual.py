@@ -167,6 +167,17 @@ def test_an_own_language_effect_above_the_control_is_found_and_agreed_on():
     assert low > 0.3 and value == pytest.approx(0.4, abs=0.05)
 
 
+def test_with_one_language_left_out_the_sentence_says_there_is_no_permutation_p():
+    seeds = [without_removed(without_removed(synthetic_seed(0, own=0.4), "en"), "ko")]  # de and the control
+    matrix = counterfactual_matrix(seeds, n_resamples=100)
+    agreement = measure_agreement(matrix)
+    assert np.isnan(agreement.cells["permutation_p"]) and agreement.n_cells == 3
+    sentence = describe_agreement(agreement, matrix)
+    assert "no permutation p: one fit left out" in sentence and "= nan" not in sentence
+    both = describe_agreement(measure_agreement(counterfactual_matrix([synthetic_seed(0, own=0.4)], 100)), matrix)
+    assert "permutation p = " in both and "exchanging the fits left out" in both
+
+
 def test_no_language_effect_is_not_called_above_the_control():
     matrix = counterfactual_matrix([synthetic_seed(s, own=0.0) for s in range(3)], n_resamples=300)
     agreement = measure_agreement(matrix)
