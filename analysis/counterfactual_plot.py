@@ -3,6 +3,7 @@ training language, with both intervals), and the matrices side by side."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +16,30 @@ from .seed_pooling import ALL
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
-def plot_predicted_vs_retrained(path: str | Path, matrix: CounterfactualMatrix, title: str) -> Path:
+def refit_band(noise_floor: Mapping[str, float] | None) -> float | None:
+    """The half-width of the figure's noise lines: the largest change of any test language's mean loss among
+    the refits with nothing removed (None without refits)."""
+    values = [v for v in (noise_floor or {}).values() if np.isfinite(v)]
+    return float(max(values)) if values else None
+
+
+def plot_predicted_vs_retrained(path: str | Path, matrix: CounterfactualMatrix, title: str,
+                                noise_floor: Mapping[str, float] | None = None) -> Path:
     """Scatter of TracIn's predicted against the retrained change of each test language's mean loss when a
     training language is left out; own-language cells are filled, others hollow; the grey band is the
-    random control's retrained change (its pooled interval over all test languages)."""
+    random control's retrained change (its pooled interval over all test languages); dashed lines: the
+    largest change a refit with nothing removed made (retraining's own noise), when refits were run."""
     fig = Figure(figsize=(6.4, 5.2))
     ax = fig.subplots()
     left_out = [r for r in matrix.removed if r != CONTROL]
     _, c_low, c_high = matrix.cell("retrained", ALL, CONTROL)
     if np.isfinite(c_low) and np.isfinite(c_high):
         ax.axhspan(c_low, c_high, color="0.85", zorder=0, label="random control (retrained)")
+    band = refit_band(noise_floor)
+    if band is not None:
+        for sign in (1, -1):
+            ax.axhline(sign * band, color="0.3", lw=0.9, ls="--", zorder=1,
+                       label="largest refit change (nothing removed)" if sign == 1 else None)
     ax.axhline(0, color="0.5", lw=0.6)
     ax.axvline(0, color="0.5", lw=0.6)
     labelled = next((r for r in left_out if r not in matrix.not_learned), left_out[0])  # the legend's marker

@@ -80,7 +80,7 @@ def write_counterfactual_outputs(out: Path, seeds: list[SeedCounterfactual], sha
     if planted is not None:
         extra = {**extra, **measure_planted(matrix, seeds[0], planted, agreement.noise_floor)}
     write_rows_csv(out / "counterfactual.csv", matrix_rows(matrix), CSV_COLUMNS)
-    plot_predicted_vs_retrained(out / "predicted_vs_retrained.png", matrix, title)
+    plot_predicted_vs_retrained(out / "predicted_vs_retrained.png", matrix, title, agreement.noise_floor)
     plot_counterfactual_matrices(out / "counterfactual_matrices.png", matrix)
     summary = {"seeds": [s.seed for s in seeds], "languages": matrix.languages, "removed": matrix.removed,
                **agreement.as_dict(), "sentence": describe_agreement(agreement, matrix), **extra}

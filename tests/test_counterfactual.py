@@ -178,6 +178,13 @@ def test_with_one_language_left_out_the_sentence_says_there_is_no_permutation_p(
     assert "permutation p = " in both and "exchanging the fits left out" in both
 
 
+def test_the_figures_noise_lines_are_the_largest_refit_change_of_any_language():
+    from analysis.counterfactual_plot import refit_band
+
+    assert refit_band({"en": 0.02, "de": 0.061, "ru": float("nan"), "fr": 0.05}) == pytest.approx(0.061)
+    assert refit_band({}) is None and refit_band(None) is None
+
+
 def test_no_language_effect_is_not_called_above_the_control():
     matrix = counterfactual_matrix([synthetic_seed(s, own=0.0) for s in range(3)], n_resamples=300)
     agreement = measure_agreement(matrix)
