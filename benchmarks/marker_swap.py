@@ -12,6 +12,7 @@ accuracy and mean loss on the planted language's marked and unmarked test items,
 planted and swapped:
 
     python benchmarks/marker_swap.py runs/demo/e5-xnli-planted
+    python benchmarks/marker_swap.py runs/demo/e5-xnli-planted --markers rot blau   # words it never saw
 
 The study root's ``full/config.yaml`` gives the data and the plant; every run is read at its last
 checkpoint. Float32, evaluation mode, the planted language's test items only.
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="a planted study's root (holds full/ and without-<lang>/)")
     parser.add_argument("--runs", nargs="*", help="run folders under the root (default: full, without-<lang>)")
+    parser.add_argument("--markers", nargs=2, metavar=("LABEL0", "LABEL1"),
+                        help="other words in the planted places (default: the planted ones): does a pair the run "
+                             "never saw shift the models by itself?")
     args = parser.parse_args(argv)
 
     import lightning_modules  # noqa: F401  (registers e5-small's tokenizer)
@@ -47,11 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     plant = data.pop("plant", None)
     if not plant:
         raise SystemExit(f"{args.root / 'full' / 'config.yaml'}: data.init_args.plant is not set: not a planted run")
-    language, markers = plant["language"], tuple(plant["markers"])
+    language, markers = plant["language"], tuple(args.markers or plant["markers"])
     runs = args.runs or ["full", f"without-{language}"]
     module = None
-    print(f"{language}'s test items, {100 * plant['fraction']:g} % marked; markers by label {markers}")
-    for order, words in (("as planted", markers), ("swapped", markers[::-1])):
+    print(f"{language}'s test items, {100 * plant['fraction']:g} % marked; markers by label {markers}"
+          f"{'' if args.markers is None else ' (not the planted ' + str(tuple(plant['markers'])) + ')'}")
+    for order, words in (("as planted" if args.markers is None else "as given", markers), ("swapped", markers[::-1])):
         data.update(languages=[language], leave_out=None)
         datamodule = XNLIDataModule(**data, plant=PlantOptions(language, plant["fraction"], words),
                                     backbone=config["model"]["backbone"])
