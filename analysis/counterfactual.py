@@ -308,12 +308,18 @@ def column_permutation_p(predicted: np.ndarray, retrained: np.ndarray) -> float:
 def calibration_slope(predicted: np.ndarray, retrained: np.ndarray) -> float:
     """Least-squares slope of predicted on retrained over the cells: 1 when the prediction has retraining's
     scale, near 0 when it is far too small (a correlation alone cannot tell)."""
-    both = np.isfinite(predicted) & np.isfinite(retrained)
-    p, r = np.asarray(predicted, dtype=np.float64)[both], np.asarray(retrained, dtype=np.float64)[both]
-    spread = np.sum((r - r.mean()) ** 2) if r.size else 0.0
-    if r.size < 2 or spread == 0:
-        return float("nan")
-    return float(np.sum((r - r.mean()) * (p - p.mean())) / spread)
+    return correlate(np.ravel(retrained), np.ravel(predicted)).slope
+
+
+def cell_agreement(predicted: np.ndarray, retrained: np.ndarray) -> dict:
+    """Predicted against retrained over (test language, removed set) cells: Pearson and Spearman with their
+    p-values as if cells were independent, the column-permutation p that respects the shared fits, the
+    calibration slope, and the number of cells compared."""
+    overall = correlate(predicted.ravel(), retrained.ravel())
+    return {"pearson_r": overall.pearson_r, "pearson_p": overall.pearson_p,
+            "spearman_r": overall.spearman_r, "spearman_p": overall.spearman_p, "n": overall.n,
+            "permutation_p": column_permutation_p(predicted, retrained),
+            "slope": calibration_slope(predicted, retrained)}
 
 
 def language_grid(seed: SeedCounterfactual, values: Mapping[str, np.ndarray], removed: Sequence[str]) -> np.ndarray:
@@ -327,14 +333,8 @@ def checkpoint_agreement(seed: SeedCounterfactual, by_checkpoints: Mapping[int, 
     point estimates; the intervals belong to the prediction over every checkpoint)."""
     left_out = [r for r in seed.retrained if r != CONTROL and r not in seed.not_learned]
     retrained = language_grid(seed, seed.retrained, left_out)
-    out = {}
-    for n, predicted_values in sorted(by_checkpoints.items()):
-        predicted = language_grid(seed, predicted_values, left_out)
-        overall = correlate(predicted.ravel(), retrained.ravel())
-        out[str(n)] = {"pearson_r": overall.pearson_r, "spearman_r": overall.spearman_r,
-                       "permutation_p": column_permutation_p(predicted, retrained),
-                       "slope": calibration_slope(predicted, retrained), "n": overall.n}
-    return out
+    return {str(n): cell_agreement(language_grid(seed, values, left_out), retrained)
+            for n, values in sorted(by_checkpoints.items())}
 
 
 @dataclass(frozen=True)
@@ -403,7 +403,6 @@ def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = 
     left_out = [r for r in matrix.removed if r != CONTROL and r not in matrix.not_learned]
     retrained, predicted = matrix.grid("retrained", left_out), matrix.grid("predicted", left_out)
     ranks = {t: correlate(predicted[i], retrained[i]).spearman_r for i, t in enumerate(languages)}
-    overall = correlate(predicted.ravel(), retrained.ravel())
     both = np.isfinite(predicted) & np.isfinite(retrained)
     signs = float(np.mean(np.sign(predicted[both]) == np.sign(retrained[both]))) if both.any() else float("nan")
 
@@ -421,10 +420,7 @@ def measure_agreement(matrix: CounterfactualMatrix, shares: np.ndarray | None = 
                 _, low, high = matrix.cell("excess", t, r)
                 above += int(low > 0)
                 below += int(high < 0)
-    cells = {"pearson_r": overall.pearson_r, "pearson_p": overall.pearson_p,
-             "spearman_r": overall.spearman_r, "spearman_p": overall.spearman_p, "n": overall.n,
-             "permutation_p": column_permutation_p(predicted, retrained),
-             "slope": calibration_slope(predicted, retrained)}
+    cells = cell_agreement(predicted, retrained)
     largest = {t: float(np.max(np.abs(v))) for t, v in (floor or {}).items() if len(v)}
     beyond = control_beyond = None
     if largest:

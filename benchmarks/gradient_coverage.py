@@ -36,11 +36,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from callbacks.checkpoints import list_checkpoints, load_weights  # noqa: E402
+from sketch_fidelity import load_run  # noqa: E402
+
+from callbacks.checkpoints import load_weights  # noqa: E402
 
 GROUPS = ("sketched", "embeddings", "layernorm", "other")
 
@@ -58,25 +59,6 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, str]:
         groups[name] = ("sketched" if name in linear else "layernorm" if name in layernorm
                         else "embeddings" if "embeddings" in name else "other")
     return groups
-
-
-def build(run: Path):
-    """The run's module and data module from its ``config.yaml``, as the CLI would build them."""
-    from datamodules import XNLIDataModule
-    from datamodules.planting import PlantOptions
-    from lightning_modules.classifier import SequenceClassifier
-
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    data = dict(config["data"]["init_args"])
-    if data.get("plant"):
-        plant = data["plant"]
-        data["plant"] = PlantOptions(plant["language"], plant["fraction"], tuple(plant["markers"]))
-    datamodule = XNLIDataModule(**data, backbone=config["model"]["backbone"])  # the CLI links it so
-    datamodule.setup("fit")
-    model_args = {k: v for k, v in config["model"].items() if k in ("backbone", "num_labels", "attn_implementation",
-                                                                     "num_layers", "vocabulary")}
-    module = SequenceClassifier(languages=list(datamodule.languages), **model_args)
-    return module, datamodule
 
 
 def pick(examples, per_language: int, languages: int, seed: int):
@@ -111,10 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    module, datamodule = build(args.run)
-    checkpoints = dict(list_checkpoints(args.run))
-    epoch = max(checkpoints) if args.epoch is None else args.epoch
-    load_weights(module, checkpoints[epoch])
+    module, datamodule, checkpoints = load_run(args.run, None if args.epoch is None else [args.epoch])
+    label, checkpoint = checkpoints[-1]
+    load_weights(module, checkpoint)
     module.eval()
     groups = parameter_groups(module.model)
     sizes = {g: sum(p.numel() for n, p in module.model.named_parameters() if groups.get(n) == g) for g in GROUPS}
@@ -135,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     total = dots.sum(0)
     sketched = dots[0]
     same = np.equal.outer([e.lang for e in test], [e.lang for e in train])
-    print(f"run {args.run} epoch {epoch}: {len(train)} training x {len(test)} test examples, {seconds:.0f} s")
+    print(f"run {args.run} {label}: {len(train)} training x {len(test)} test examples, {seconds:.0f} s")
     print("trained parameters: " + ", ".join(f"{g} {sizes[g] / 1e6:.1f} M" for g in GROUPS))
     print("mean gradient dot product, share of the whole gradient's (same-language pairs / cross-language pairs):")
     for k, g in enumerate(GROUPS):

@@ -21,6 +21,7 @@ checkpoint. Float32, evaluation mode, the planted language's test items only.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -41,12 +42,13 @@ def main(argv: list[str] | None = None) -> None:
 
     import lightning_modules  # noqa: F401  (registers e5-small's tokenizer)
     from callbacks.checkpoints import list_checkpoints
-    from datamodules import XNLIDataModule
     from datamodules.planting import PlantOptions
     from lightning_modules.classifier import SequenceClassifier
     from lightning_modules.stages.counterfactual import evaluate_test_losses
 
     config = yaml.safe_load((args.root / "full" / "config.yaml").read_text())
+    module_name, class_name = config["data"]["class_path"].rsplit(".", 1)
+    datamodule_class = getattr(importlib.import_module(module_name), class_name)
     data = dict(config["data"]["init_args"])
     plant = data.pop("plant", None)
     if not plant:
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{'' if args.markers is None else ' (not the planted ' + str(tuple(plant['markers'])) + ')'}")
     for order, words in (("as planted" if args.markers is None else "as given", markers), ("swapped", markers[::-1])):
         data.update(languages=[language], leave_out=None)
-        datamodule = XNLIDataModule(**data, plant=PlantOptions(language, plant["fraction"], words),
+        datamodule = datamodule_class(**data, plant=PlantOptions(language, plant["fraction"], words),
                                     backbone=config["model"]["backbone"])
         datamodule.setup("test")
         if module is None:

@@ -15,7 +15,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import DataError
-from .planting import PlantOptions, check_markers_tokenize, check_plant, plant_records, planted_positions
+from .planting import (
+    PlantOptions,
+    check_markers_tokenize,
+    check_plant,
+    plant_options,
+    plant_records,
+    planted_positions,
+)
 from .samplers import LanguageBatchSampler, RankSlicedBatchSampler
 from .sampling import sample_independent, sample_parallel
 from .sources import Record, describe_source, read_split
@@ -106,7 +113,8 @@ class TaskDataModule(pl.LightningDataModule):
             uniformly from all languages, seeded from the name and the data seed). The training split's
             indices stay those of the run that trains on everything, so results line up with its analysis.
         plant: a label-revealing word in a share of one language's training and test items (the planted
-            control, a known answer for the study's measures; ``planting.py``). None: the data as they are.
+            control, a known answer for the study's measures; ``planting.py``; code replaying a run's config.yaml may
+            pass the mapping the file holds). None: the data as they are.
     """
 
     task: ClassVar[str]
@@ -157,6 +165,7 @@ class TaskDataModule(pl.LightningDataModule):
             )
         self.leave_out = leave_out
         if plant is not None:
+            plant = plant_options(plant)
             check_plant(plant, self.languages)
         self.plant = plant
         self._planted: dict[str, np.ndarray] = {}

@@ -42,6 +42,18 @@ class PlantOptions:
     markers: tuple[str, ...] = ("nein", "ja")
 
 
+def plant_options(plant: PlantOptions | dict) -> PlantOptions:
+    """``plant`` as options: a mapping is how a run's ``config.yaml`` holds them (the CLI builds the
+    dataclass itself; code that replays a run from its file passes the mapping)."""
+    if isinstance(plant, PlantOptions):
+        return plant
+    known = {"language", "fraction", "markers"}
+    if not isinstance(plant, dict) or set(plant) - known or "language" not in plant:
+        raise DataError(f"data.init_args.plant: expected a mapping with 'language' and optionally 'fraction' and "
+                        f"'markers', found {plant!r}")
+    return PlantOptions(**{k: tuple(v) if k == "markers" and isinstance(v, list) else v for k, v in plant.items()})
+
+
 def check_plant(plant: PlantOptions, languages: list[str], n_labels: int = 2) -> None:
     """Bad options are one line naming the key, before any data is read."""
     key = "data.init_args.plant"

@@ -274,3 +274,13 @@ class DieAtEpoch(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             os._exit(137)
+
+
+# The counterfactual and planted suites' tiny study: the tiny random model on three languages, a few
+# batches per epoch, two epochs (so that two checkpoints exist), no progress bars.
+TINY_STUDY_OVERRIDES = [
+    "--model.backbone=tiny-random", "--data.init_args.languages=[en, de, ko]",
+    "--data.init_args.train_per_language=30", "--data.init_args.dev_per_language=8",
+    "--data.init_args.test_per_language=12", "--data.init_args.batch_size=8",
+    "--data.init_args.eval_batch_size=16", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
+]

@@ -35,7 +35,7 @@ from analysis.counterfactual import (
 from analysis.counterfactual_report import load_effects, write_effects
 from callbacks.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
 from datamodules import DataError
-from tests.helpers import REPO, small_pawsx_datamodule
+from tests.helpers import REPO, TINY_STUDY_OVERRIDES, small_pawsx_datamodule
 
 LANGS = ["en", "de", "ko"]
 LEFT_OUT = ["en", "de"]
@@ -269,11 +269,7 @@ def tiny_study(tmp_path_factory):
         "sft": str(REPO / "configs/demo/pawsx-sft.yaml"), "analyze": str(tmp / "analyze.yaml"),
         "random_seeds": [0], "natural_conditions": ["full"], "fidelity_seeds": [0], "seeds": [0],
         "counterfactual": LEFT_OUT, "counterfactual_refits": [5],
-        "overrides": ["--model.backbone=tiny-random", "--data.init_args.languages=[en, de, ko]",
-                      "--data.init_args.train_per_language=30", "--data.init_args.dev_per_language=8",
-                      "--data.init_args.test_per_language=12", "--data.init_args.batch_size=8",
-                      "--data.init_args.eval_batch_size=16", "--trainer.max_epochs=2",
-                      "--trainer.enable_progress_bar=false"],
+        "overrides": TINY_STUDY_OVERRIDES,
     }
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import cpu_trainer, small_pawsx_datamodule
+from helpers import TINY_STUDY_OVERRIDES, cpu_trainer, small_pawsx_datamodule
 
 from analysis.counterfactual import CONTROL, SeedCounterfactual, counterfactual_matrix
 from analysis.counterfactual_report import measure_planted
@@ -72,6 +72,17 @@ def test_a_whole_language_and_a_sliver_both_plant_at_least_one_item():
 def test_bad_plant_options_name_the_key(plant, key):
     with pytest.raises(DataError, match=key):
         small_pawsx_datamodule(languages=LANGS, plant=plant)
+
+
+def test_plant_options_as_a_config_file_holds_them_plant_the_same_items():
+    """A run replayed from its config.yaml passes the plant as a mapping (markers a list)."""
+    _, planted = plain_and_planted()
+    replayed = small_pawsx_datamodule(languages=LANGS, plant={"language": "de", "fraction": 0.25,
+                                                              "markers": ["zero", "one"]})
+    assert replayed.plant == planted.plant
+    assert np.array_equal(replayed.planted_indices("train"), planted.planted_indices("train"))
+    with pytest.raises(DataError, match=r"data.init_args.plant: expected a mapping with 'language'.*'share'"):
+        small_pawsx_datamodule(languages=LANGS, plant={"language": "de", "share": 0.25})
 
 
 def test_a_marker_the_tokenizer_only_knows_as_unknown_is_refused():
@@ -232,11 +243,7 @@ def planted_study(tmp_path_factory):
         "root": str(root), "full": str(REPO / "configs/demo/pawsx-full.yaml"), "sft": None,
         "analyze": str(tmp / "analyze.yaml"), "natural_conditions": ["full"], "seeds": [0],
         "counterfactual": ["de"], "counterfactual_refits": [5],
-        "overrides": ["--model.backbone=tiny-random", "--data.init_args.languages=[en, de, ko]",
-                      "--data.init_args.train_per_language=30", "--data.init_args.dev_per_language=8",
-                      "--data.init_args.test_per_language=12", "--data.init_args.batch_size=8",
-                      "--data.init_args.eval_batch_size=16", "--trainer.max_epochs=2",
-                      "--trainer.enable_progress_bar=false", "--data.init_args.plant.language=de",
+        "overrides": [*TINY_STUDY_OVERRIDES, "--data.init_args.plant.language=de",
                       "--data.init_args.plant.fraction=0.5"],
     }
     path = tmp / "study.yaml"
