@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 
 from analysis.atomic import atomic_write, raise_if_disk_full
+from callbacks.preconditioner import factor_adam_preconditioner
 
 FORMAT = 1
 _EPOCH = re.compile(r"^epoch=(\d+)\.ckpt$")
@@ -32,6 +33,16 @@ class CheckpointError(ValueError):
 def atomic_torch_save(obj, path: Path) -> None:
     with atomic_write(path, "wb") as f:  # a Python file: a failed write keeps its OSError in torch's error
         torch.save(obj, f)
+
+
+def adam_record(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict | None:
+    """The factored Adam preconditioner of the module's model (None without an Adam-family optimizer)."""
+    model = getattr(pl_module, "model", pl_module)
+    for optimizer in trainer.optimizers:
+        record = factor_adam_preconditioner(optimizer, model)
+        if record is not None:
+            return record
+    return None
 
 
 class EpochCheckpoint(pl.Callback):
@@ -90,6 +101,8 @@ class EpochCheckpoint(pl.Callback):
                     # constructor arguments only (LightningCLI adds "_instantiator"), so that
                     # ``type(module)(**hparams)`` rebuilds the model
                     "hparams": {k: v for k, v in pl_module.hparams.items() if not k.startswith("_")},
+                    # Adam's preconditioner, factored per linear layer: TracIn's Adam-preconditioned variant
+                    "adam": adam_record(trainer, pl_module),
                 },
                 "state_dict": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
             }

@@ -318,8 +318,15 @@ def sketching_mode(model: nn.Module, attention: str = "eager"):
 class Sketcher:
     """Sketches batches of one model with fixed options; holds the layers and their matrices."""
 
-    def __init__(self, model: nn.Module, options: SketchOptions):
+    def __init__(self, model: nn.Module, options: SketchOptions,
+                 scales: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+        """``scales``: per layer name (out scale (out,), input scale (in + 1,)): sketch ``a bᵀ ⊙ [∇W ∇b]``
+        instead of the gradient, by scaling the projection matrices (``callbacks/preconditioner.py``:
+        Adam's factored preconditioner). Kronecker kind only."""
         self.options = options
+        if scales is not None and options.kind != "kronecker":
+            raise ValueError("scaled sketches need kind 'kronecker'")
+        self.scales = scales
         self.layers = select_layers(model, options.layers)
         self.names = [name for name, _ in self.layers]
         self.dim = sketch_dim(self.layers, options)
@@ -337,6 +344,12 @@ class Sketcher:
                 g1, g2 = projection_matrices(name, mod.out_features, mod.in_features, bias, self.options)
                 if not bias:
                     g2 = np.concatenate([g2, np.zeros((g2.shape[0], 1))], axis=1)
+                if self.scales is not None:  # G1 diag(a) and G2 diag(b) project a bᵀ ⊙ ∇[W b]
+                    a, b = self.scales[name]
+                    if a.shape != (g1.shape[1],) or b.shape != (g2.shape[1],):
+                        raise ValueError(f"scales of layer {name}: expected ({g1.shape[1]},) and "
+                                         f"({g2.shape[1]},), found {a.shape} and {b.shape}")
+                    g1, g2 = g1 * a[None, :], g2 * b[None, :]
                 mats.append(
                     (
                         torch.as_tensor(g1.T.copy(), dtype=dtype, device=device),

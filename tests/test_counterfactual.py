@@ -588,3 +588,28 @@ def test_agreement_per_number_of_checkpoints_reads_each_prediction_alone():
     assert table["2"]["slope"] == pytest.approx(3 * checkpoint_agreement(seed, {1: seed.predicted})["1"]["slope"])
     assert table["1"]["pearson_r"] < table["2"]["pearson_r"] and table["2"]["n"] == 9
     assert grid_r[1, 1] == pytest.approx(seed.retrained["de"][seed.lang == 1].mean())
+
+
+def test_adam_prediction_benchmark_reads_the_preconditioner_each_checkpoint_recorded(tiny_study):
+    """The benchmark runs on a study's full fit: every checkpoint holds Adam's factored preconditioner, and
+    both predictions (plain and preconditioned) come out finite for every cell."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.helpers import cli_env
+
+    root, _ = tiny_study
+    for _, path in list_checkpoints(root / "full"):
+        assert load_checkpoint(path)["crossling"]["adam"]["layers"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/adam_prediction.py"), str(root / "full"), "--k", "6", "--pairs", "1",
+         "--train-per-language", "10"],
+        capture_output=True, text=True, env=cli_env(), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^(plain|adam) +([+-]\d\.\d+) +(-?\d+\.\d+) +(\d+\.\d+)$", result.stdout, re.M)
+    assert [name for name, *_ in rows] == ["plain", "adam"], result.stdout
+    assert all(np.isfinite(float(v)) for _, *values in rows for v in values)
+    predicted_from = json.loads((root / "full/counterfactual/counterfactual.json").read_text())["prediction"]["epochs"]
+    assert result.stdout.count("rank-one fidelity") == len(predicted_from)  # the checkpoints the stage used
