@@ -9,6 +9,8 @@ from typing import Literal
 
 from ..tracin import NORMALIZATIONS
 
+METHODS = ("tracin", "trak")  # analysis/influence/methods.py
+
 
 class InfluenceError(ValueError):
     """An input file the influence stage cannot use; the message names the file and key."""
@@ -57,6 +59,9 @@ class InfluenceOptions:
         run_kind: which training produced the run (labels the paper's figure numbers); ``auto``
             guesses from the run directory's name (``sft``/``random``).
         strict: raise on a condition with missing sketches instead of skipping it.
+        method: how scores are formed from the sketches (``analysis/influence/methods.py``): ``tracin``
+            (the paper's; rankings in ``influence/``) or ``trak`` (TRAK's kernel; ``influence-trak/``).
+        trak_damping: TRAK's λ as a multiple of the mean eigenvalue of the training sketches' ΦᵀΦ.
         wandb: log the report to the active W&B run, if there is one.
     """
 
@@ -81,16 +86,21 @@ class InfluenceOptions:
     run_kind: Literal["auto", "full", "sft", "sft-random"] = "auto"
     strict: bool = False
     wandb: bool = True
+    method: Literal["tracin", "trak"] = "tracin"
+    trak_damping: float = 0.1
 
     def ranking_fields(self) -> dict:
         """The options a ranking depends on (block sizes do not change an exact result)."""
-        return {
+        fields = {
             "m": self.m,
             "normalization": self.normalization,
             "lr_weights": self.lr_weights,
             "per_checkpoint": self.per_checkpoint,
             "precision": self.precision,
         }
+        if self.method != "tracin":  # TracIn's key stays what rankings written before methods existed hold
+            fields.update(method=self.method, trak_damping=self.trak_damping)
+        return fields
 
     def check(self) -> None:
         if self.m < 1:
@@ -103,6 +113,10 @@ class InfluenceOptions:
             raise InfluenceError(
                 f"options: normalization must be one of {NORMALIZATIONS}, found {self.normalization!r}"
             )
+        if self.method not in METHODS:
+            raise InfluenceError(f"options: method must be one of {METHODS}, found {self.method!r}")
+        if not self.trak_damping > 0:
+            raise InfluenceError(f"options: trak_damping must be > 0, found {self.trak_damping}")
         if self.bootstrap_resamples < 1:
             raise InfluenceError(
                 f"options: bootstrap_resamples must be at least 1, found {self.bootstrap_resamples}"

@@ -14,6 +14,7 @@ import numpy as np
 from ..masks import MaskError, condition_masks
 from ..sketch_store import Sketch, check_compatible, list_epochs, read_sketch, run_languages, sketch_paths
 from ..tracin import stream_top_k
+from .methods import prepare_scores
 from .options import InfluenceError, InfluenceOptions, MissingInputs
 from .topk_file import TOPK_FORMAT, TopKFile
 
@@ -117,6 +118,7 @@ def rank_condition(run_dir: Path, plan: _Plan, options: InfluenceOptions) -> Top
     """Rank every test example of a condition against the training sketches of its mask."""
     dtype = np.float64 if options.precision == "float64" else np.float32
     parts = []
+    method_records: dict[str, dict] = {}
     final = plan.epochs[-1]
     for mask, langs in plan.groups.items():
         tests = [plan.sketches[(e, mask, "test")] for e in plan.epochs]
@@ -145,11 +147,16 @@ def rank_condition(run_dir: Path, plan: _Plan, options: InfluenceOptions) -> Top
             len(plan.epochs),
         )
         try:
+            prepared = prepare_scores(
+                options.method, [RowView(t.data, rows) for t, rows in zip(tests, rows_by_epoch)],
+                [r.data for r in trains], options.normalization, options.trak_damping,
+            )
+            method_records[mask] = prepared.record
             ranked = stream_top_k(
-                [RowView(t.data, rows) for t, rows in zip(tests, rows_by_epoch)],
+                prepared.tests,
                 [r.data for r in trains],
                 m=options.m,
-                normalization=options.normalization,
+                normalization=prepared.normalization,
                 lr_weights=options.lr_weights,
                 per_checkpoint=options.per_checkpoint,
                 train_block=options.train_block,
@@ -211,6 +218,7 @@ def rank_condition(run_dir: Path, plan: _Plan, options: InfluenceOptions) -> Top
         "d": any_sketch.meta["d"],
         "projection": any_sketch.meta.get("projection"),
         "inputs_key": plan.inputs_key,
+        "method": method_records,  # per mask: the method and what it chose (TRAK's λ per checkpoint)
     }
     return TopKFile(meta, arrays)
 

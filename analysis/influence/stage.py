@@ -11,7 +11,7 @@ from ..atomic import write_json_atomic as _write_json
 from .options import InfluenceError, InfluenceOptions, MissingInputs
 from .ranking import plan_condition, rank_condition, sha
 from .tables import check_same_test_split, condition_table, difference_table, kept_indices
-from .topk_file import load_topk, save_topk, topk_path
+from .topk_file import influence_dir_name, load_topk, save_topk, topk_path
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def run_influence(
     options.check()
     reference = None
     if compare_to is not None:
-        ref_path = topk_path(Path(compare_to), "full")
+        ref_path = topk_path(Path(compare_to), "full", options.method)
         if ref_path.is_file():
             reference = load_topk(ref_path)
         else:
@@ -59,7 +59,7 @@ def run_influence(
             )
     done: dict[str, Path] = {}
     for condition in conditions:
-        out = run_dir / "influence" / condition
+        out = run_dir / influence_dir_name(options.method) / condition
         try:
             plan = plan_condition(run_dir, condition, options)
         except MissingInputs as err:
@@ -94,7 +94,7 @@ def run_influence(
             meta = {**meta, "contributions_key": ckey}
             _write_json(out / "meta.json", meta)
         if reference is not None:
-            check_same_test_split(top, reference, str(path), str(topk_path(Path(compare_to), "full")))
+            check_same_test_split(top, reference, str(path), str(ref_path))
             kept = kept_indices([top, reference])
             difference_table(top, reference, kept, options, f"{condition}-full").write_csv(
                 out / f"vs-full@{Path(compare_to).name}.csv"

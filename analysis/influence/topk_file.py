@@ -104,6 +104,11 @@ def load_topk(path: str | Path) -> TopKFile:
     return TopKFile(meta, arrays)
 
 
-def topk_path(run_dir: Path, condition: str) -> Path:
-    return Path(run_dir) / "influence" / condition / "topk.npz"
+def influence_dir_name(method: str = "tracin") -> str:
+    """The run's folder of a method's rankings: ``influence`` for TracIn (the paper's), else ``influence-<method>``."""
+    return "influence" if method == "tracin" else f"influence-{method}"
+
+
+def topk_path(run_dir: Path, condition: str, method: str = "tracin") -> Path:
+    return Path(run_dir) / influence_dir_name(method) / condition / "topk.npz"
 

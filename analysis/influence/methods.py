@@ -1,0 +1,87 @@
+"""Attribution methods that score test examples against training examples from the same sketches.
+
+Every method here is TracIn's streaming top-m ranking (``analysis/tracin.stream_top_k``) applied to
+test rows it may first transform, so that each one produces the same files (``topk.npz``,
+``contributions.csv``) and every reader (report, pooling, counterfactual check) takes them alike:
+
+- ``tracin``: gradient similarity at each checkpoint, summed (the paper's method): the test rows as
+  sketched, under the options' normalization.
+- ``trak``: TRAK's kernel over the projected gradients, ``φ_testᵀ (ΦᵀΦ + λI)⁻¹ φ_train`` per checkpoint,
+  summed over checkpoints (TRAK's ensemble over models). ``Φ`` is the sketched training pool; with more
+  sketch dimensions than pooled examples (the demo: d = 4096, 750 examples) ``ΦᵀΦ`` is singular and the
+  damping ``λ`` decides what the inverse does in the directions no training example spans. ``λ`` is
+  ``trak_damping`` times the mean eigenvalue of ``ΦᵀΦ`` (``‖Φ‖²_F / d``), so the choice does not depend
+  on the gradients' scale; each checkpoint's ``λ`` is recorded. Features are loss gradients, not TRAK's
+  margin gradients with their ``1 − p`` reweighting: for cross-entropy the loss gradient already carries
+  the ``p − y`` factor that reweighting approximates.
+
+The kernel is applied to the test side, ``ψ = (ΦᵀΦ + λI)⁻¹ φ_test`` (one Cholesky factorisation per
+checkpoint and mask, ``d × d``), and ψ is ranked against the unchanged training rows by dot product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.linalg import cho_factor, cho_solve
+
+from .options import METHODS, InfluenceError
+
+MAX_KERNEL_DIM = 16384  # d × d float64 = 2 GiB: beyond it, ask for a summed (smaller) sketch
+ROW_CHUNK = 4096
+
+
+@dataclass
+class PreparedScores:
+    """What the streaming ranking receives for one mask: per checkpoint, the test rows (transformed or
+    not) and the normalization to rank them under, plus a record of what was done."""
+
+    tests: list
+    normalization: str
+    record: dict = field(default_factory=dict)
+
+
+def gram_matrix(rows) -> np.ndarray:
+    """ΦᵀΦ (float64) of a possibly memory-mapped (n, d) array, read in chunks of rows."""
+    n, d = rows.shape
+    gram = np.zeros((d, d))
+    for start in range(0, n, ROW_CHUNK):
+        block = np.asarray(rows[start : start + ROW_CHUNK], dtype=np.float64)
+        gram += block.T @ block
+    return gram
+
+
+def trak_transform(train, tests, damping: float) -> tuple[np.ndarray, float]:
+    """(ψ = (ΦᵀΦ + λI)⁻¹ φ for every test row (n_test, d), λ) with ``Φ = train`` and
+    ``λ = damping · ‖Φ‖²_F / d``."""
+    d = train.shape[1]
+    if d > MAX_KERNEL_DIM:
+        raise InfluenceError(
+            f"method trak: the sketch has d = {d} > {MAX_KERNEL_DIM} dimensions; its d x d kernel would not fit "
+            "(sketch with combine: sum)"
+        )
+    gram = gram_matrix(train)
+    lam = damping * float(np.trace(gram)) / d
+    if not lam > 0:
+        raise InfluenceError("method trak: the training sketches are all zero; there is no kernel to invert")
+    gram[np.diag_indices(d)] += lam
+    phi = np.asarray(tests[:], dtype=np.float64)
+    return cho_solve(cho_factor(gram, lower=True), phi.T).T, lam
+
+
+def prepare_scores(method: str, tests: Sequence, trains: Sequence, normalization: str,
+                   trak_damping: float) -> PreparedScores:
+    """The test rows and normalization one mask is ranked with under ``method`` (per checkpoint)."""
+    if method == "tracin":
+        return PreparedScores(list(tests), normalization, {"method": "tracin"})
+    if method == "trak":
+        transformed, lams = [], []
+        for test, train in zip(tests, trains):
+            psi, lam = trak_transform(train, test, trak_damping)
+            transformed.append(psi)
+            lams.append(lam)
+        return PreparedScores(transformed, "dot", {"method": "trak", "damping": trak_damping, "lambda": lams})
+    raise InfluenceError(f"options: method must be one of {METHODS}, found {method!r}")
+
