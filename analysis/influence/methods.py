@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
+from ..tracin import tracin_scores
 from .options import METHODS, InfluenceError
 
 MAX_KERNEL_DIM = 16384  # d × d float64 = 2 GiB: beyond it, ask for a summed (smaller) sketch
@@ -85,3 +86,12 @@ def prepare_scores(method: str, tests: Sequence, trains: Sequence, normalization
         return PreparedScores(transformed, "dot", {"method": "trak", "damping": trak_damping, "lambda": lams})
     raise InfluenceError(f"options: method must be one of {METHODS}, found {method!r}")
 
+
+
+def score_matrix(method: str, tests: Sequence, trains: Sequence, normalization: str = "cosine",
+                 trak_damping: float = 0.1) -> np.ndarray:
+    """The whole (test × train) score matrix of a method, summed over checkpoints, float64: for pools small
+    enough to hold (the planted control, references); the influence stage streams instead."""
+    prepared = prepare_scores(method, [np.asarray(t) for t in tests], [np.asarray(r) for r in trains],
+                              normalization, trak_damping)
+    return tracin_scores(prepared.tests, [np.asarray(r) for r in trains], prepared.normalization)
