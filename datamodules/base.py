@@ -112,6 +112,10 @@ class TaskDataModule(pl.LightningDataModule):
             training examples), or ``random`` (the control: as many examples as one language has, drawn
             uniformly from all languages, seeded from the name and the data seed). The training split's
             indices stay those of the run that trains on everything, so results line up with its analysis.
+        coupled_order: with ``leave_out`` (mixed batching), draw the training order over the whole split, as
+            the run that trains on everything does, and delete the left-out items, instead of shuffling the
+            survivors afresh: the leave-out fit then differs from that run by the removal (and dropout draws)
+            only, not by another batch order.
         plant: a label-revealing word in a share of one language's training and test items (the planted
             control, a known answer for the study's measures; ``planting.py``; code replaying a run's config.yaml may
             pass the mapping the file holds). None: the data as they are.
@@ -139,6 +143,7 @@ class TaskDataModule(pl.LightningDataModule):
         length_buckets: bool = False,
         leave_out: str | None = None,
         plant: PlantOptions | None = None,
+        coupled_order: bool = False,
     ):
         super().__init__()
         spec = TASKS[self.task]
@@ -164,6 +169,10 @@ class TaskDataModule(pl.LightningDataModule):
                 f"{self.languages} or {RANDOM_LEAVE_OUT!r}"
             )
         self.leave_out = leave_out
+        if coupled_order and batching != "mixed":
+            raise DataError("data.init_args.coupled_order: needs batching 'mixed' (full fine-tuning), found "
+                            f"{batching!r}")
+        self.coupled_order = coupled_order
         if plant is not None:
             plant = plant_options(plant)
             check_plant(plant, self.languages)
@@ -291,6 +300,13 @@ class TaskDataModule(pl.LightningDataModule):
         if self.batching == "language":
             sampler = LanguageBatchSampler([e.lang for e in dataset.examples], self.batch_size, self.shuffle_seed, world, rank,
                                            lengths=lengths)
+        elif self.coupled_order and self.leave_out is not None:
+            whole = self.dataset("train").examples
+            position = {e.index: p for p, e in enumerate(dataset.examples)}
+            survivors = [position.get(e.index, -1) for e in whole]
+            sampler = RankSlicedBatchSampler(len(dataset), self.batch_size, True, self.shuffle_seed, world, rank,
+                                             lengths=[len(e.input_ids) for e in whole] if self.length_buckets else None,
+                                             survivors=survivors)
         else:
             sampler = RankSlicedBatchSampler(len(dataset), self.batch_size, True, self.shuffle_seed, world, rank,
                                              lengths=lengths)

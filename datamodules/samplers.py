@@ -121,7 +121,18 @@ class RankSlicedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 drop_last: bool = False, lengths: Sequence[int] | None = None):
+                 drop_last: bool = False, lengths: Sequence[int] | None = None,
+                 survivors: Sequence[int] | None = None):
+        """``survivors`` (training only): the order is drawn over a larger split of ``len(survivors)`` items
+        (``lengths`` then holds theirs) and ``survivors[i]`` is item ``i``'s position among the ``n`` trained
+        on, or -1 when it is left out: a leave-out fit then sees its examples in the order the fit on the whole
+        split saw them, the left-out ones deleted (``coupled_order``)."""
+        if survivors is not None:
+            survivors = np.asarray(survivors, dtype=np.int64)
+            kept = np.sort(survivors[survivors >= 0])
+            if not shuffle or not np.array_equal(kept, np.arange(n)):
+                raise ValueError(f"survivors must map a shuffled split onto 0..{n - 1} once each")
+        self.survivors = survivors
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         # stored under another name: a ``drop_last`` attribute makes trainer.predict try to rebuild
         # this sampler as if it were torch's BatchSampler(sampler, batch_size, drop_last), which fails
@@ -134,16 +145,30 @@ class RankSlicedBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def _indices(self) -> np.ndarray:
-        order = np.random.default_rng([self.seed, self.epoch, 2]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        if self.survivors is not None:
+            return self._coupled_indices()
+        return self._rank_order(self.n, self.rank)
+
+    def _rank_order(self, n: int, rank: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, self.epoch, 2]).permutation(n) if self.shuffle else np.arange(n)
         if self.shuffle and self.num_replicas > 1:
             # training: equal shares so every rank takes the same number of steps
-            order = order[: self.n - self.n % self.num_replicas]
-        mine = order[self.rank :: self.num_replicas]
+            order = order[: n - n % self.num_replicas]
+        mine = order[rank :: self.num_replicas]
         if self.lengths is None:
             return mine
         if self.shuffle:
             return bucket_by_length(mine, self.lengths, self.batch_size, np.random.default_rng([self.seed, self.epoch, 3]))
         return mine[np.argsort(self.lengths[mine], kind="stable")]
+
+    def _coupled_indices(self) -> np.ndarray:
+        """The whole split's order on this rank, left-out items deleted; every rank cut to the shortest rank's
+        count (each computes all ranks' orders: the same seeds), so all take the same number of steps."""
+        n_all = len(self.survivors)
+        per_rank = [self.survivors[self._rank_order(n_all, r)] for r in range(self.num_replicas)]
+        per_rank = [order[order >= 0] for order in per_rank]
+        shortest = min(order.size for order in per_rank)
+        return per_rank[self.rank][:shortest]
 
     def __iter__(self) -> Iterator[list[int]]:
         idx = self._indices()

@@ -62,6 +62,8 @@ class StudyConfig:
             removed, its dropout and batch order from this seed (the head's initialisation and the data stay).
             Their change of test loss is retraining's own noise, against which the check judges every cell
             (None: not measured; each costs one full fine-tuning per seed).
+        counterfactual_coupled: leave-out fits read their examples in the full fine-tuning's order with the
+            left-out ones deleted (``data.init_args.coupled_order``), instead of a fresh shuffle of the rest.
         summary_split: the split whose majority-class rate the summary compares with dev accuracy.
     """
 
@@ -79,6 +81,7 @@ class StudyConfig:
     counterfactual: list[str] | None = None
     counterfactual_seeds: list[int] | None = None
     counterfactual_refits: list[int] | None = None
+    counterfactual_coupled: bool = False
 
 
 @dataclass
@@ -130,7 +133,13 @@ def check_counterfactual_languages(cfg: StudyConfig, path: Path) -> None:
     """Languages to leave out are a non-empty list of distinct codes (whether the run trains on them is
     the fit's to say, with the data's language list); refit seeds are new seeds."""
     langs = cfg.counterfactual
+    if not isinstance(cfg.counterfactual_coupled, bool):
+        raise StudyConfigError(f"{path}: key 'counterfactual_coupled': expected true or false, found "
+                               f"{cfg.counterfactual_coupled!r}")
     if langs is None:
+        if cfg.counterfactual_coupled:
+            raise StudyConfigError(f"{path}: key 'counterfactual_coupled' needs the key 'counterfactual' (the "
+                                   "languages to leave out)")
         if cfg.counterfactual_refits is not None:
             raise StudyConfigError(f"{path}: key 'counterfactual_refits' needs the key 'counterfactual' (the languages "
                                    "to leave out): the refits measure that check's noise")
@@ -318,7 +327,8 @@ def plan_counterfactual_stages(cfg: StudyConfig, conf: dict[str, list[str]], roo
     for removed in [*cfg.counterfactual, CONTROL]:
         run = root / removed_run_name(removed)
         fits.append(name(removed_run_name(removed)))
-        stages.append(Stage(fits[-1], fit(conf["full"], run, f"--data.init_args.leave_out={removed}"), [],
+        coupled = ["--data.init_args.coupled_order=true"] if cfg.counterfactual_coupled else []
+        stages.append(Stage(fits[-1], fit(conf["full"], run, f"--data.init_args.leave_out={removed}", *coupled), [],
                             resume_fit=run, outputs=[run / "checkpoints"]))
     for refit in cfg.counterfactual_refits or []:
         run = root / refit_run_name(refit)

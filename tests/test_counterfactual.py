@@ -437,10 +437,26 @@ def test_the_study_plans_one_fit_per_language_left_out_and_the_control_on_the_ch
     ({"counterfactual": ["en"], "counterfactual_refits": [0]}, r"key 'counterfactual_refits': .*training seeds \[0\]"),
     ({"counterfactual": ["en"], "counterfactual_refits": [3, 3]}, "key 'counterfactual_refits': expected .* distinct"),
     ({"counterfactual_refits": [3]}, "key 'counterfactual_refits' needs the key 'counterfactual'"),
+    ({"counterfactual": ["en"], "counterfactual_coupled": "yes"}, "key 'counterfactual_coupled': expected true or"),
+    ({"counterfactual_coupled": True}, "key 'counterfactual_coupled' needs the key 'counterfactual'"),
 ])
 def test_a_bad_counterfactual_list_is_one_line_naming_the_key(tmp_path, keys, message):
     with pytest.raises(ValueError, match=message):
         plan_names(tmp_path, **keys)
+
+
+def test_coupled_leave_out_fits_keep_the_full_fits_order_and_refits_do_not(tmp_path):
+    from lightning_modules.study import load_study_config, plan_stages
+
+    config = {"root": str(tmp_path / "study"), "full": str(REPO / "configs/demo/pawsx-full.yaml"),
+              "subnetworks": str(REPO / "configs/demo/pawsx-subnetworks.yaml"), "sft": None,
+              "analyze": str(REPO / "configs/demo/pawsx-analyze.yaml"), "counterfactual": ["en"],
+              "counterfactual_refits": [4], "counterfactual_coupled": True}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    stages = {s.name: s.command for s in plan_stages(*load_study_config(tmp_path / "study.yaml"))}
+    for fit in ("without-en", "without-random"):
+        assert "--data.init_args.coupled_order=true" in stages[fit]
+    assert not any("coupled_order" in arg for arg in stages["refit-4"] + stages["full"])
 
 
 def write_metrics(path: Path, rows: list[dict]) -> Path:

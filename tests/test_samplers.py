@@ -273,3 +273,50 @@ def test_setup_lets_go_of_the_tokenizer_and_loaders_still_pad_with_its_id():
     texts = [r.texts for r in dm.load_records("test")]
     assert test_ids == tok([t[0] for t in texts], [t[1] for t in texts], truncation=True,
                            max_length=dm.max_length)["input_ids"]
+
+
+def _flat(sampler, epoch: int) -> list[int]:
+    sampler.set_epoch(epoch)
+    return [i for batch in sampler for i in batch]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_coupled_order_is_the_whole_splits_order_with_the_left_out_deleted(world):
+    rng = np.random.default_rng(4)
+    n_all = 61
+    lengths = rng.integers(5, 90, size=n_all)
+    removed = np.sort(rng.choice(n_all, size=17, replace=False))
+    kept = np.setdiff1d(np.arange(n_all), removed)
+    survivors = np.full(n_all, -1)
+    survivors[kept] = np.arange(kept.size)
+    for epoch in (0, 1):
+        counts = []
+        for rank in range(world):
+            whole = RankSlicedBatchSampler(n_all, 4, True, seed=9, num_replicas=world, rank=rank, lengths=lengths)
+            coupled = RankSlicedBatchSampler(kept.size, 4, True, seed=9, num_replicas=world, rank=rank,
+                                             lengths=lengths, survivors=survivors)
+            expected = [i for i in _flat(whole, epoch) if i not in set(removed.tolist())]
+            got = [int(kept[p]) for p in _flat(coupled, epoch)]  # back to positions in the whole split
+            assert got == expected[: len(got)] and len(expected) - len(got) < n_all // world
+            counts.append(len(coupled))
+        assert len(set(counts)) == 1  # every rank takes the same number of steps
+    if world == 1:  # without survivors, the same seed shuffles the survivors into another order
+        reshuffled = RankSlicedBatchSampler(kept.size, 4, True, seed=9, lengths=lengths[kept])
+        assert [int(kept[p]) for p in _flat(reshuffled, 1)] != expected
+
+
+def test_a_coupled_leave_out_fit_reads_the_full_runs_examples_in_its_order():
+    from helpers import small_pawsx_datamodule
+
+    full = small_pawsx_datamodule(length_buckets=True)
+    coupled = small_pawsx_datamodule(length_buckets=True, leave_out="de", coupled_order=True)
+    for dm in (full, coupled):
+        dm.setup("fit")
+    # dataset indices in the order the training loaders' batch samplers read them
+    whole = [full.dataset("train").examples[p].index for b in full.train_dataloader().batch_sampler for p in b]
+    kept = coupled.training_examples().examples
+    got = [kept[p].index for b in coupled.train_dataloader().batch_sampler for p in b]
+    lang = {e.index: e.lang for e in full.dataset("train").examples}
+    assert got == [i for i in whole if lang[i] != full.languages.index("de")] and len(got) < len(whole)
+    with pytest.raises(Exception, match="coupled_order: needs batching 'mixed'"):
+        small_pawsx_datamodule(batching="language", leave_out="de", coupled_order=True)

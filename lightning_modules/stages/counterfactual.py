@@ -62,7 +62,9 @@ from .request import AnalyzeRequest
 
 OUT = "counterfactual"
 # keys a leave-out fit may differ in from the run it is compared with
-FREE_KEYS = {("trainer", "default_root_dir"), ("data", "init_args", "leave_out"), ("ckpt_path",)}
+# a leave-out fit may differ in what it leaves out and whether it keeps the full fit's order of the rest
+FREE_KEYS = {("trainer", "default_root_dir"), ("data", "init_args", "leave_out"),
+             ("data", "init_args", "coupled_order"), ("ckpt_path",)}
 
 
 @dataclass
