@@ -95,16 +95,18 @@ def measure_planted(matrix, seed: SeedCounterfactual, planted: PlantedInputs, fl
     if language not in left_out or CONTROL not in matrix.removed:
         return {"planted": {"language": language, "fraction": planted.fraction,
                             "note": f"no learned fit without {language} and the random control to compare",
-                            "retrieval": planted.retrieval.as_dict() if planted.retrieval else None}}
+                            "retrieval": planted.retrieval.as_dict() if planted.retrieval else None,
+                            "retrieval_by_method": {k: v.as_dict() for k, v in planted.others.items()}}}
     row, col = matrix.languages.index(language), left_out.index(language)
     cells = {q: planted_cell(matrix.grid(q, left_out), matrix.cell(q, language, language), row, col,
                              matrix.cell(q, language, CONTROL)[0], float(getattr(seed, q)[language][planted.marked].mean()))
              for q in ("retrained", "predicted")}
     record = {"language": language, "fraction": planted.fraction, "marked_test_items": int(planted.marked.sum()),
               **{q: c.as_dict() for q, c in cells.items()},
-              "retrieval": planted.retrieval.as_dict() if planted.retrieval else None}
+              "retrieval": planted.retrieval.as_dict() if planted.retrieval else None,
+              "retrieval_by_method": {k: v.as_dict() for k, v in planted.others.items()}}
     sentence = describe_planted(language, planted.fraction, cells["retrained"], cells["predicted"], planted.retrieval,
-                                floor)
+                                floor, planted.others)
     return {"planted": record, "planted_sentence": sentence}
 
 

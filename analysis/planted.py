@@ -8,16 +8,20 @@ Three measures, each against what chance or the noise would give:
   comparable with retraining's (their ratio is reported, not assumed);
 - TracIn's rankings: for a marked test item, the marked training items should rank high: the mean
   average precision (area under the precision-recall curve) of finding them in the ranked pool, against
-  the share of marked items in the pool, which is what a random ranking gets.
+  the share of marked items in the pool, which is what a random ranking gets. Every other attribution
+  method over the same sketches (``analysis/influence/methods.py``) is scored the same way beside it.
 numpy only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+# how a method is named in a sentence
+METHOD_NAMES = {"tracin": "TracIn", "trak": "TRAK's kernel"}
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
@@ -121,6 +125,7 @@ class PlantedInputs:
     fraction: float
     marked: np.ndarray
     retrieval: PlantedRetrieval | None
+    others: Mapping[str, PlantedRetrieval] = field(default_factory=dict)  # other attribution methods' retrieval
 
 
 def rank_of(value: float, values: Sequence[float]) -> int:
@@ -139,7 +144,8 @@ def planted_cell(grid: np.ndarray, intervals: tuple[float, float, float], test_r
 
 
 def describe_planted(language: str, fraction: float, retrained: PlantedCell, predicted: PlantedCell,
-                     retrieval: PlantedRetrieval | None, floor: Mapping[str, float] | None) -> str:
+                     retrieval: PlantedRetrieval | None, floor: Mapping[str, float] | None,
+                     others: Mapping[str, PlantedRetrieval] | None = None) -> str:
     """One paragraph: what each measure found of the planted effect, beside chance and the noise."""
     noise = (floor or {}).get(language)
     beyond = (f", {'beyond' if abs(retrained.value) > noise else 'within'} the refits' largest change "
@@ -159,4 +165,10 @@ def describe_planted(language: str, fraction: float, retrained: PlantedCell, pre
         if retrieval.m:
             text += (f"; {language}'s share of their top {retrieval.m} is {100 * retrieval.top_m_share_marked:.1f} % "
                      f"against {100 * retrieval.top_m_share_unmarked:.1f} % for {language}'s unmarked test items")
+    for method, found in (others or {}).items():
+        if found.n_test:
+            text += f"; {METHOD_NAMES.get(method, method)} over the same sketches: average precision {found.mean_ap:.2f}"
+            if found.m:
+                text += (f", {language}'s top-{found.m} share {100 * found.top_m_share_marked:.1f} % against "
+                         f"{100 * found.top_m_share_unmarked:.1f} %")
     return text + "."

@@ -300,3 +300,29 @@ def test_the_retrieval_of_marked_items_is_tracins_cosine_over_the_sketched_check
     retrieval = json.loads((full / "counterfactual/counterfactual.json").read_text())["planted"]["retrieval"]
     assert retrieval["mean_ap"] == pytest.approx(np.mean(aps)) and retrieval["n_test"] == int(test_marked.sum())
     assert retrieval["chance"] == pytest.approx(pool_marked.mean())
+
+
+def test_the_retrieval_by_traks_kernel_is_scored_over_the_same_sketches(planted_study):
+    """Reference: TRAK's scores from a thin SVD of each checkpoint's pool, Φ = U S Vᵀ, where
+    φᵀ(ΦᵀΦ + λI)⁻¹Φᵀ = φᵀ V diag(s / (s² + λ)) Uᵀ, λ = 0.1 ‖Φ‖²_F / d; then average precision by definition."""
+    import json
+
+    from analysis.sketch_store import read_sketch
+
+    full = planted_study / "full"
+    dm = small_pawsx_datamodule(languages=LANGS, train_per_language=30, dev_per_language=8, test_per_language=12,
+                                seed=0, plant=PlantOptions("de", 0.5))
+    total = 0.0
+    for epoch in (0, 1):
+        train = np.asarray(read_sketch(full, epoch, "full", "train").data, dtype=np.float64)
+        test = np.asarray(read_sketch(full, epoch, "full", "test").data, dtype=np.float64)
+        u, s, vt = np.linalg.svd(train, full_matrices=False)
+        lam = 0.1 * (train**2).sum() / train.shape[1]
+        total = total + (test @ vt.T) * (s / (s**2 + lam)) @ u.T
+    pool = read_sketch(full, 1, "full", "train").indices
+    test_index = read_sketch(full, 1, "full", "test").indices
+    pool_marked = np.isin(pool, dm.planted_indices("train"))
+    rows = np.flatnonzero(np.isin(test_index, dm.planted_indices("test")))
+    expected = np.mean([reference_average_precision(list(total[r]), list(pool_marked)) for r in rows])
+    found = json.loads((full / "counterfactual/counterfactual.json").read_text())["planted"]["retrieval_by_method"]
+    assert found["trak"]["mean_ap"] == pytest.approx(expected, rel=1e-6) and found["trak"]["n_test"] == rows.size

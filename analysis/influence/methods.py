@@ -16,7 +16,8 @@ test rows it may first transform, so that each one produces the same files (``to
   the ``p − y`` factor that reweighting approximates.
 
 The kernel is applied to the test side, ``ψ = (ΦᵀΦ + λI)⁻¹ φ_test`` (one Cholesky factorisation per
-checkpoint and mask, ``d × d``), and ψ is ranked against the unchanged training rows by dot product.
+checkpoint and mask, of the d × d or, with fewer pooled examples than dimensions, the n × n system), and
+ψ is ranked against the unchanged training rows by dot product.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from scipy.linalg import cho_factor, cho_solve
 from ..tracin import tracin_scores
 from .options import METHODS, InfluenceError
 
-MAX_KERNEL_DIM = 16384  # d × d float64 = 2 GiB: beyond it, ask for a summed (smaller) sketch
+MAX_KERNEL_DIM = 16384  # a 16384-square float64 kernel is 2 GiB: beyond it, ask for a smaller sketch or pool
 ROW_CHUNK = 4096
 
 
@@ -55,20 +56,30 @@ def gram_matrix(rows) -> np.ndarray:
 
 
 def trak_transform(train, tests, damping: float) -> tuple[np.ndarray, float]:
-    """(ψ = (ΦᵀΦ + λI)⁻¹ φ for every test row (n_test, d), λ) with ``Φ = train`` and
-    ``λ = damping · ‖Φ‖²_F / d``."""
-    d = train.shape[1]
-    if d > MAX_KERNEL_DIM:
+    """(ψ = (ΦᵀΦ + λI)⁻¹ φ for every test row (n_test, d), λ) with ``Φ = train`` (n, d) and
+    ``λ = damping · ‖Φ‖²_F / d``. With fewer rows than dimensions the same ψ comes from the n × n system,
+    ``ψ = (φ − Φᵀ (ΦΦᵀ + λI)⁻¹ Φ φ) / λ`` (the push-through identity), so an exact (huge-d) gradient works too."""
+    n, d = train.shape
+    if min(n, d) > MAX_KERNEL_DIM:
         raise InfluenceError(
-            f"method trak: the sketch has d = {d} > {MAX_KERNEL_DIM} dimensions; its d x d kernel would not fit "
-            "(sketch with combine: sum)"
+            f"method trak: {n} training sketches of d = {d}: the {min(n, d)}-square kernel would not fit "
+            f"(at most {MAX_KERNEL_DIM}; sketch with combine: sum or rank a smaller pool)"
         )
+    phi = np.asarray(tests[:], dtype=np.float64)
+    if n < d:
+        rows = np.asarray(train[:], dtype=np.float64)
+        gram = rows @ rows.T
+        lam = damping * float(np.trace(gram)) / d
+        if not lam > 0:
+            raise InfluenceError("method trak: the training sketches are all zero; there is no kernel to invert")
+        gram[np.diag_indices(n)] += lam
+        inner = cho_solve(cho_factor(gram, lower=True), rows @ phi.T)  # (n, n_test)
+        return (phi - (rows.T @ inner).T) / lam, lam
     gram = gram_matrix(train)
     lam = damping * float(np.trace(gram)) / d
     if not lam > 0:
         raise InfluenceError("method trak: the training sketches are all zero; there is no kernel to invert")
     gram[np.diag_indices(d)] += lam
-    phi = np.asarray(tests[:], dtype=np.float64)
     return cho_solve(cho_factor(gram, lower=True), phi.T).T, lam
 
 

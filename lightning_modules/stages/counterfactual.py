@@ -45,9 +45,10 @@ from analysis.counterfactual_report import (
     write_counterfactual_outputs,
     write_effects,
 )
+from analysis.influence.methods import score_matrix
+from analysis.influence.options import METHODS
 from analysis.planted import PlantedInputs, planted_retrieval
 from analysis.sketch_store import check_compatible, list_epochs, read_sketch
-from analysis.tracin import tracin_scores
 from callbacks.checkpoints import (
     CheckpointError,
     fingerprint,
@@ -96,7 +97,7 @@ def run_counterfactual_stage(request: AnalyzeRequest) -> Path | None:
     out = None
     if trainer.is_global_zero:  # a few forward passes and numpy: one process does it
         out = check_counterfactual(r.model, r.datamodule, r.run_dir, r.counterfactual, r.influence.normalization,
-                                   r.influence.m)
+                                   r.influence.m, r.influence.trak_damping)
     trainer.strategy.barrier()
     return out
 
@@ -292,10 +293,11 @@ def sorted_test_split(datamodule) -> tuple[np.ndarray, np.ndarray]:
 
 
 def planted_inputs(run_dir: Path, datamodule, condition: str, full: TestLosses, normalization: str,
-                   m: int | None = None) -> PlantedInputs:
+                   m: int | None = None, trak_damping: float = 0.1) -> PlantedInputs:
     """Which test examples carry the planted marker (in ``full``'s order), and how well TracIn's scores over
     the sketched checkpoints (equally weighted, as the influence stage ranks by default) find the marked
-    items of the sketched training pool for each marked test item."""
+    items of the sketched training pool for each marked test item; the same for every other attribution
+    method of ``analysis/influence/methods.py`` over the same sketches."""
     plant = datamodule.plant
     marked_test = datamodule.planted_indices("test")
     marked = np.isin(full.test_index, marked_test)
@@ -306,15 +308,18 @@ def planted_inputs(run_dir: Path, datamodule, condition: str, full: TestLosses, 
     if any(not np.array_equal(t.indices, pool_index) for t in trains) or \
             any(not np.array_equal(t.indices, test_index) for t in tests):
         raise CounterfactualError(f"{run_dir / 'sketches'}: the sketched checkpoints hold other examples")
-    scores = tracin_scores([np.asarray(t.data) for t in tests], [np.asarray(t.data) for t in trains], normalization)
-    retrieval = planted_retrieval(scores, np.isin(pool_index, datamodule.planted_indices("train")),
-                                  np.isin(test_index, marked_test), tests[0].langs == plant.language,
-                                  trains[0].langs == plant.language, m)
-    return PlantedInputs(plant.language, float(plant.fraction), marked, retrieval)
+    found = {}
+    for method in METHODS:
+        scores = score_matrix(method, [t.data for t in tests], [t.data for t in trains], normalization, trak_damping)
+        found[method] = planted_retrieval(scores, np.isin(pool_index, datamodule.planted_indices("train")),
+                                          np.isin(test_index, marked_test), tests[0].langs == plant.language,
+                                          trains[0].langs == plant.language, m)
+    tracin = found.pop("tracin")
+    return PlantedInputs(plant.language, float(plant.fraction), marked, tracin, found)
 
 
 def check_counterfactual(module, datamodule, run_dir: Path, options: CounterfactualOptions,
-                         normalization: str = "cosine", m: int | None = None) -> Path:
+                         normalization: str = "cosine", m: int | None = None, trak_damping: float = 0.1) -> Path:
     """Retrained vs predicted effect of leaving out each training language; returns ``<run>/counterfactual``."""
     run_dir = Path(run_dir)
     out = run_dir / OUT
@@ -355,7 +360,7 @@ def check_counterfactual(module, datamodule, run_dir: Path, options: Counterfact
                               retrained, predicted, accuracy, failed, refits)
     write_effects(out / EFFECTS_FILE, seed)
     shares = positive_shares(run_dir, full.languages, options.condition)
-    planted = planted_inputs(run_dir, datamodule, options.condition, full, normalization, m) \
+    planted = planted_inputs(run_dir, datamodule, options.condition, full, normalization, m, trak_damping) \
         if getattr(datamodule, "plant", None) is not None else None
     summary = write_counterfactual_outputs(out, [seed], shares, options.bootstrap_resamples,
                                            {"prediction": record, "runs": {r: str(p) for r, p in runs.items()},
