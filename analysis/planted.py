@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 # how a method is named in a sentence
-METHOD_NAMES = {"tracin": "TracIn", "trak": "TRAK's kernel"}
+METHOD_NAMES = {"tracin": "TracIn", "trak": "TRAK's kernel", "repsim": "representation similarity"}
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:

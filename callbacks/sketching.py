@@ -28,6 +28,7 @@ import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import astuple, dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -60,7 +61,11 @@ class SketchOptions:
 
     Args:
         kind: ``kronecker`` (random projection) or ``exact`` (the flattened per-example gradient of
-            the selected layers itself, weight then bias per layer; small models only, to measure fidelity).
+            the selected layers itself, weight then bias per layer; small models only, to measure fidelity),
+            or ``representation``: no gradient, the sentence representation the classification head reads
+            (the final layer's first-token state: the input of ``pooler.dense`` or ``classifier.dense``), for
+            the representation-similarity baseline (``influence.method: repsim``); written under
+            ``<run>/representations/`` (``representation_root``).
         k: rows of each side's Gaussian matrix; a layer's sketch is k×k (d = k² when summed).
         pairs: independent Kronecker pairs summed per layer (scaled 1/√pairs): same d, lower variance.
         combine: ``sum`` (layers' sketches added: d = k²) or ``concat`` (side by side: d = layers·k²).
@@ -75,11 +80,12 @@ class SketchOptions:
             forward and backward under bfloat16 autocast, projections accumulated in float32) or
             ``auto`` (bf16 where the device multiplies bfloat16 natively: CUDA of compute capability 8+,
             CPUs with AVX-512 BF16 or AMX; else 32; the Trainer's ``precision: auto`` decides alike). On 2 AVX-512 cores bf16 sketches e5-small about 2.7 x faster with
-            sketches at cosine > 0.9999 to float32 ones and the same recall of exact top sets (README).
+            sketches at cosine > 0.9999 to float32 ones and the same recall of exact top sets
+            (docs/measurements.md, "Which projection").
             ``exact`` gradients are always float32.
     """
 
-    kind: Literal["kronecker", "exact"] = "kronecker"
+    kind: Literal["kronecker", "exact", "representation"] = "kronecker"
     k: int = 64
     pairs: int = 4
     combine: Literal["sum", "concat"] = "sum"
@@ -89,8 +95,8 @@ class SketchOptions:
     precision: Literal["auto", "32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("kronecker", "exact"):
-            raise ValueError(f"sketch kind must be 'kronecker' or 'exact', found {self.kind!r}")
+        if self.kind not in ("kronecker", "exact", "representation"):
+            raise ValueError(f"sketch kind must be 'kronecker', 'exact' or 'representation', found {self.kind!r}")
         if self.combine not in ("sum", "concat"):
             raise ValueError(f"sketch combine must be 'sum' or 'concat', found {self.combine!r}")
         if self.attention not in ("eager", "sdpa"):
@@ -102,6 +108,9 @@ class SketchOptions:
 
     def projection_record(self) -> dict:
         """The sidecar's ``projection`` entry: everything that fixes the sketch's values."""
+        if self.kind == "representation":
+            return {"kind": "representation", "k": None, "seed": self.seed, "combine": None, "pairs": None,
+                    "generator": None, "bias": None}
         if self.kind == "exact":
             return {
                 "kind": "exact",
@@ -167,8 +176,30 @@ def layer_parameter_count(layer: nn.Linear) -> int:
     return layer.out_features * layer.in_features + (layer.out_features if layer.bias is not None else 0)
 
 
+# the head layer whose input is the sentence representation: BERT's pooler, XLM-R's classification head
+HEAD_INPUT_LAYERS = (r"(^|\.)pooler\.dense$", r"(^|\.)classifier\.dense$")
+
+
+def representation_layer(model: nn.Module) -> tuple[str, nn.Linear]:
+    """(name, layer) whose input is the sentence representation the classifier reads."""
+    for pattern in HEAD_INPUT_LAYERS:
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and re.search(pattern, name):
+                return name, mod
+    raise ValueError("sketch kind 'representation': the model has no pooler.dense or classifier.dense layer "
+                     "whose input is the sentence representation")
+
+
+def representation_root(run_dir, options: SketchOptions):
+    """Where a sketch pass of these options writes: representations go to ``<run>/representations`` (laid out
+    as a run's ``sketches/``), gradient sketches to the run itself."""
+    return Path(run_dir) / "representations" if options.kind == "representation" else Path(run_dir)
+
+
 def sketch_dim(layers: list[tuple[str, nn.Linear]], options: SketchOptions) -> int:
     """d: the length of one example's sketch."""
+    if options.kind == "representation":
+        return layers[0][1].in_features
     if options.kind == "exact":
         return sum(layer_parameter_count(mod) for _, mod in layers)
     per_layer = options.k * options.k
@@ -327,7 +358,8 @@ class Sketcher:
         if scales is not None and options.kind != "kronecker":
             raise ValueError("scaled sketches need kind 'kronecker'")
         self.scales = scales
-        self.layers = select_layers(model, options.layers)
+        self.layers = [representation_layer(model)] if options.kind == "representation" \
+            else select_layers(model, options.layers)
         self.names = [name for name, _ in self.layers]
         self.dim = sketch_dim(self.layers, options)
         self._matrices: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -370,6 +402,8 @@ class Sketcher:
         holds many exact gradients fills its own rows without a second copy of the batch's.
         """
         ids = batch["input_ids"]
+        if self.options.kind == "representation":
+            return self._representations(model, gates, batch, head_mask)
         if out is not None:
             if self.options.kind != "exact" or out.shape != (ids.shape[0], self.dim):
                 raise ValueError(f"out= takes a ({ids.shape[0]}, {self.dim}) tensor for exact gradients")
@@ -425,6 +459,28 @@ class Sketcher:
 
         self._backward(model, gates, batch, head_mask, on_call, False)
         return dots, squares
+
+    def _representations(self, model, gates, batch: dict, head_mask):
+        """(representations (B, hidden) float32, per-example loss, prediction): one forward pass, no gradient."""
+        seen: list[torch.Tensor] = []
+        layer = self.layers[0][1]
+        handle = layer.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+        ids = batch["input_ids"]
+        try:
+            with sketching_mode(model, self.options.attention), torch.no_grad(), \
+                    autocast_for(self.options.precision, ids.device):
+                gating = gates.applied(head_mask, ids.shape[0]) if gates is not None else nullcontext()
+                if head_mask is not None and gates is None:
+                    raise ValueError("a head mask needs the model's HeadGates (gates=None cannot apply it)")
+                with gating:
+                    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+                losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise RuntimeError(f"{self.names[0]} ran {len(seen)} times in one forward pass, expected once")
+        rep = seen[0]
+        return (rep[:, 0] if rep.dim() == 3 else rep).float(), losses, logits.argmax(-1)
 
     def _backward(self, model, gates, batch: dict, head_mask, on_call, low_precision: bool):
         """One forward pass with ``on_call`` hooked on the sketched layers, then one backward pass of the

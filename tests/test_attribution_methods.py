@@ -71,3 +71,59 @@ def test_an_unknown_method_or_damping_is_one_clear_error():
         InfluenceOptions(method="lissa").check()
     with pytest.raises(InfluenceError, match="trak_damping must be > 0"):
         InfluenceOptions(method="trak", trak_damping=0.0).check()
+
+
+@pytest.mark.parametrize("layout", ["xlmr", "bert"])
+def test_a_representation_is_the_first_tokens_final_hidden_state_under_the_head_mask(layout):
+    """Reference: transformers' own hidden states (output_hidden_states), one example at a time."""
+    import torch
+    from helpers import make_tiny_model, random_batch
+
+    from callbacks.sketching import Sketcher, SketchOptions
+    from lightning_modules.gates import HeadGates
+
+    model = make_tiny_model(2, 4, 16, 100, seed=3, layout=layout, init_std=0.2)
+    ids, att = random_batch(4, 9, 100, seed=4)
+    batch = {"input_ids": ids, "attention_mask": att, "labels": torch.tensor([0, 1, 2, 1])}
+    mask = (torch.rand(4, 2, 4, generator=torch.Generator().manual_seed(5)) > 0.3).float()
+    gates = HeadGates(model)
+    reps, losses, preds = Sketcher(model, SketchOptions(kind="representation", precision="32"))(model, gates, batch, mask)
+    assert reps.shape == (4, 16)
+    for b in range(4):
+        n = int(att[b].sum())
+        with torch.no_grad(), gates.applied(mask[b]):
+            out = model(input_ids=ids[b : b + 1, :n], output_hidden_states=True)
+        torch.testing.assert_close(reps[b], out.hidden_states[-1][0, 0], rtol=1e-5, atol=1e-5)
+        assert int(preds[b]) == int(out.logits.argmax())
+        expected = torch.nn.functional.cross_entropy(out.logits, batch["labels"][b : b + 1])
+        torch.testing.assert_close(losses[b], expected, rtol=1e-5, atol=1e-6)
+    gates.remove()
+
+
+def test_repsim_ranks_the_cosine_of_the_representations_the_sketch_stage_wrote(tmp_path):
+    from helpers import small_pawsx_datamodule
+    from test_sketch_store import make_run_dir, new_module, run_stage
+
+    from callbacks.sketching import SketchOptions
+
+    dm = small_pawsx_datamodule(languages=["en", "de", "ko"], train_per_language=16, dev_per_language=4,
+                                test_per_language=6, eval_batch_size=16)
+    run = make_run_dir(tmp_path / "run", dm.languages)
+    run_stage(run, dm, conditions=("full",), options=SketchOptions(kind="representation", precision="32"))
+    assert not (run / "sketches").exists()  # gradient sketches stay apart
+    done = run_influence(run, ["full"], InfluenceOptions(m=5, bootstrap_resamples=20, method="repsim"))
+    assert done["full"] == run / "influence-repsim" / "full"
+    top = load_topk(done["full"] / "topk.npz")
+    total = 0.0
+    for epoch in (0, 1):
+        train, test = (np.asarray(read_sketch(run / "representations", epoch, "full", s).data, dtype=np.float64)
+                       for s in ("train", "test"))
+        # the hidden size: a representation, not a gradient sketch
+        assert train.shape[1] == new_module(dm.languages).model.config.hidden_size
+        total = total + np.array([[a @ b / np.linalg.norm(a) / np.linalg.norm(b) for b in train] for a in test])
+    expected = np.argsort(-total, axis=1, kind="stable")[:, :5]
+    train_idx = read_sketch(run / "representations", 1, "full", "train").indices
+    order = np.argsort(read_sketch(run / "representations", 1, "full", "test").indices)
+    np.testing.assert_array_equal(top["pos_idx"], train_idx[expected[order]])
+    missing = run_influence(tmp_path / "run", ["full"], InfluenceOptions(m=5, method="trak"))
+    assert missing == {}  # no gradient sketches: TRAK skips the condition (an error with strict)

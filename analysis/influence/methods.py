@@ -6,6 +6,9 @@ test rows it may first transform, so that each one produces the same files (``to
 
 - ``tracin``: gradient similarity at each checkpoint, summed (the paper's method): the test rows as
   sketched, under the options' normalization.
+- ``repsim``: the cosine of the sentence representations the classification head reads (the sketch stage
+  writes them with ``sketch.kind: representation`` under ``<run>/representations/``), summed over the
+  checkpoints analysed: the cheap baseline that needs no gradient.
 - ``trak``: TRAK's kernel over the projected gradients, ``φ_testᵀ (ΦᵀΦ + λI)⁻¹ φ_train`` per checkpoint,
   summed over checkpoints (TRAK's ensemble over models). ``Φ`` is the sketched training pool; with more
   sketch dimensions than pooled examples (the demo: d = 4096, 750 examples) ``ΦᵀΦ`` is singular and the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
@@ -83,11 +87,18 @@ def trak_transform(train, tests, damping: float) -> tuple[np.ndarray, float]:
     return cho_solve(cho_factor(gram, lower=True), phi.T).T, lam
 
 
+def feature_root(run_dir: Path, method: str) -> Path:
+    """The run-like folder whose ``sketches/`` a method ranks: the representations for ``repsim``."""
+    return Path(run_dir) / "representations" if method == "repsim" else Path(run_dir)
+
+
 def prepare_scores(method: str, tests: Sequence, trains: Sequence, normalization: str,
                    trak_damping: float) -> PreparedScores:
     """The test rows and normalization one mask is ranked with under ``method`` (per checkpoint)."""
     if method == "tracin":
         return PreparedScores(list(tests), normalization, {"method": "tracin"})
+    if method == "repsim":
+        return PreparedScores(list(tests), "cosine", {"method": "repsim"})
     if method == "trak":
         transformed, lams = [], []
         for test, train in zip(tests, trains):

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from ..atomic import write_json_atomic as _write_json
+from .methods import feature_root
 from .options import InfluenceError, InfluenceOptions, MissingInputs
 from .ranking import plan_condition, rank_condition, sha
 from .tables import check_same_test_split, condition_table, difference_table, kept_indices
@@ -61,7 +62,7 @@ def run_influence(
     for condition in conditions:
         out = run_dir / influence_dir_name(options.method) / condition
         try:
-            plan = plan_condition(run_dir, condition, options)
+            plan = plan_condition(feature_root(run_dir, options.method), condition, options)
         except MissingInputs as err:
             if options.strict:
                 raise
@@ -76,7 +77,7 @@ def run_influence(
             except InfluenceError:
                 current = False
         if not current:
-            top = rank_condition(run_dir, plan, options)
+            top = rank_condition(feature_root(run_dir, options.method), plan, options)
             save_topk(path, top)
             meta = {"inputs_key": plan.inputs_key, "condition": condition}
             _write_json(out / "meta.json", meta)

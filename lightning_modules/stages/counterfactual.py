@@ -45,7 +45,7 @@ from analysis.counterfactual_report import (
     write_counterfactual_outputs,
     write_effects,
 )
-from analysis.influence.methods import score_matrix
+from analysis.influence.methods import feature_root, score_matrix
 from analysis.influence.options import METHODS
 from analysis.planted import PlantedInputs, planted_retrieval
 from analysis.sketch_store import check_compatible, list_epochs, read_sketch
@@ -310,7 +310,19 @@ def planted_inputs(run_dir: Path, datamodule, condition: str, full: TestLosses, 
         raise CounterfactualError(f"{run_dir / 'sketches'}: the sketched checkpoints hold other examples")
     found = {}
     for method in METHODS:
-        scores = score_matrix(method, [t.data for t in tests], [t.data for t in trains], normalization, trak_damping)
+        source = feature_root(run_dir, method)  # repsim: the representations, when the analysis wrote them
+        if source != run_dir:
+            if not all((source / "sketches" / f"epoch={e}" / condition / "train.npy").is_file() for e in epochs):
+                continue
+            method_trains = [read_sketch(source, e, condition, "train") for e in epochs]
+            method_tests = [read_sketch(source, e, condition, "test") for e in epochs]
+            if any(not np.array_equal(t.indices, pool_index) for t in method_trains) or \
+                    any(not np.array_equal(t.indices, test_index) for t in method_tests):
+                raise CounterfactualError(f"{source / 'sketches'}: holds other examples than {run_dir / 'sketches'}")
+        else:
+            method_trains, method_tests = trains, tests
+        scores = score_matrix(method, [t.data for t in method_tests], [t.data for t in method_trains], normalization,
+                              trak_damping)
         found[method] = planted_retrieval(scores, np.isin(pool_index, datamodule.planted_indices("train")),
                                           np.isin(test_index, marked_test), tests[0].langs == plant.language,
                                           trains[0].langs == plant.language, m)

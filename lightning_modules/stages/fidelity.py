@@ -39,6 +39,9 @@ def measure_fidelity(module, datamodule, run_dir: Path, sketch: SketchOptions, o
     """Compare sketched with exact rankings on a sample; writes ``<run>/fidelity/fidelity.json`` (+ nothing
     else; atomically, so a stopped check leaves no file)."""
     run_dir = Path(run_dir)
+    if sketch.kind == "representation":
+        raise ValueError("sketch.kind: 'representation' holds no gradient for the fidelity stage to check against "
+                         "exact gradients (run fidelity with the gradient sketch's options)")
     checkpoints = dict(list_checkpoints(run_dir))
     if not checkpoints:
         raise CheckpointError(f"{run_dir / 'checkpoints'}: no epoch=<E>.ckpt files (run crossling fit first)")

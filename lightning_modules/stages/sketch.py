@@ -40,7 +40,7 @@ from callbacks.sketch_plan import (
     train_pool,
 )
 from callbacks.sketch_writer import SketchWriter
-from callbacks.sketching import SketchOptions, get_sketcher, resolve_precision
+from callbacks.sketching import SketchOptions, get_sketcher, representation_root, resolve_precision
 
 from .request import AnalyzeRequest
 
@@ -142,13 +142,14 @@ def sketch_checkpoints(
     }
     sketched_test = {lang: [m for m in masks if m not in test_shared] for lang, masks in test_masks.items()}
     sketcher = get_sketcher(module.model, options)
+    out_dir = representation_root(run_dir, options)  # representations: a run-like folder of their own
     writer = find_writer(trainer)
     outputs: list[Path] = []
     say = print if trainer.is_global_zero else (lambda *a, **k: None)
     say(
         f"sketch: {len(checkpoints)} checkpoint(s) x masks {sketched_train} x train/test, "
         f"d={sketcher.dim} ({options.kind}, k={options.k}, pairs={options.pairs}, {options.combine}, "
-        f"precision {options.precision}) -> {run_dir}/sketches"
+        f"precision {options.precision}) -> {out_dir}/sketches"
     )
     if aliases:
         say("  equal masks, sketched once: " + ", ".join(f"{a} = {c}" for a, c in aliases.items()))
@@ -168,7 +169,7 @@ def sketch_checkpoints(
         for split in SPLITS:
             dataset = datamodule.dataset(split)
             for job in make_jobs(
-                split, epoch, run_dir, dataset, languages, sketched_train, sketched_test, head_masks, identity,
+                split, epoch, out_dir, dataset, languages, sketched_train, sketched_test, head_masks, identity,
                 pool if split == "train" else None,
             ):
                 pending = {m: t for m, t in job.targets.items() if not t.is_finished()}
@@ -195,7 +196,7 @@ def sketch_checkpoints(
             if aliases:  # written by rank 0 once the canonical files are finished
                 if trainer.is_global_zero:
                     outputs += share_equal_masks(
-                        aliases if split == "train" else test_shared, split, epoch, run_dir, dataset, languages,
+                        aliases if split == "train" else test_shared, split, epoch, out_dir, dataset, languages,
                         test_masks, identity, pool if split == "train" else None,
                     )
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
