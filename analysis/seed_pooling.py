@@ -17,7 +17,7 @@ says what the runs we have support: with S seeds its 95 % interval spans roughly
 seeds' estimates, widened by their test-sample noise, so a change is called a finding only when
 it holds in every drawn combination of the runs — an effect of opposite sign in one seed of three
 (drawn alone with probability 1/27 > 2.5 %) keeps zero inside it. It is not an inference about
-the population of seeds: with three, none is possible; the README says so beside the numbers.
+the population of seeds: with three, none is possible (docs/methods.md, "Seed pooling: which interval, and why").
 
 Resampling draws are seeded from names (``analysis.masks.name_seed``), never from the global RNG.
 """

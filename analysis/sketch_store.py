@@ -1,5 +1,5 @@
 """Reading gradient sketches: ``sketches/epoch=<E>/<mask>/<split>.npy`` (N×d float32) and the
-``.json`` sidecar beside it (see notes on the file contract in the README). numpy only.
+``.json`` sidecar beside it (see docs/methods.md, "Influence (TracIn)"). numpy only.
 
 Influence is only meaningful between sketches taken with the same projection of the same
 layers, so every reader goes through ``check_compatible``, which names the file that differs

@@ -38,7 +38,7 @@ class SequenceClassifier(pl.LightningModule):
         mask_mode: ``gradient`` (the paper: masked gradients, AdamW state still moves them) or
             ``strict`` (masked slices and their optimizer state are bit-identical across each step).
         random_mask_seed: use each language's mask shuffled with this seed (random-subnetwork SFT).
-        num_layers: keep only the first N encoder layers (None: all). Cheaper, but see the README:
+        num_layers: keep only the first N encoder layers (None: all). Cheaper, but see docs/study.md, "The model":
             e5-small cut to 6 layers no longer learns binary XNLI.
         vocabulary: ``full``, or ``bundled``: keep only the embedding rows of the tokens the bundled
             data uses (45K of e5-small's 250K; the tokenizer is unchanged and the checkpoint carries the id map).

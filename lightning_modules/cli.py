@@ -2,7 +2,7 @@
 stages) over the classifier and the task datamodules; ``main.py`` is the command's entry point.
 
 The run directory is ``trainer.default_root_dir``: per-epoch checkpoints, ``config.yaml``,
-metrics and every later stage's outputs live under it (see README, "Outputs").
+metrics and every later stage's outputs live under it (see docs/architecture.md, "Outputs: the run directory").
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ class CrosslingTrainer(Trainer):
             conditions: mask conditions: full, own, random<seed>, as-<lang>, union-<a>-<b>, intersect-<a>-<b>.
             compare_to: another run directory (e.g. the full fine-tuning run of an SFT run) to compare with.
             explain: print the top training examples of this test example (dataset index) and stop.
-            sketch: the gradient projection (default: the measured-fidelity setting; see README).
+            sketch: the gradient projection (default: the measured-fidelity setting; see docs/measurements.md,
+                "Which projection").
             influence: ranking, bootstrap and report options.
             fidelity: sample sizes of the fidelity check.
             counterfactual: where the leave-out fits are and which languages they leave out.

@@ -35,7 +35,7 @@ def print_commands() -> None:
     print("commands:")
     for name, what in COMMANDS.items():
         print(f"  {name:<{width}}  {what}")
-    print("\nREADME.md, \"The study\", says what each stage reads and writes.")
+    print("\ndocs/study.md, \"The pipeline\", says what each stage reads and writes.")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

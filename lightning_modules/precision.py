@@ -4,8 +4,8 @@ elsewhere.
 Why a choice at all: on CPUs with bfloat16 dot-product instructions (AVX-512 BF16, AMX) and on CUDA
 GPUs of compute capability 8 and up, bf16-mixed trains e5-small faster than float32 with the same dev
 accuracy. Where the instructions are missing, PyTorch emulates bfloat16 and the same fit runs about
-29 times slower than in float32 (a 2-core AVX2 AMD EPYC, README "Precision"), so a fixed
-``bf16-mixed`` made the demo unfinishable on most laptops and cloud VMs. ``auto`` asks the device.
+29 times slower than in float32 (a 2-core AVX2 AMD EPYC, docs/getting-started.md, "Precision"), so a
+fixed ``bf16-mixed`` made the demo unfinishable on most laptops and cloud VMs. ``auto`` asks the device.
 
 One decision serves every stage: the Trainer's ``precision: auto`` (fit, validate, test) and the sketch
 pass's ``precision: auto`` (``callbacks/sketching.py``) both call :func:`native_bf16`. The decision is a
@@ -185,4 +185,5 @@ def resolve_trainer_precision(requested: object, device_type: str, facts: Device
 def bf16_cost_warning(what: str, reason: str) -> str:
     """The warning for bfloat16 asked for where it is emulated."""
     return (f"{what} on a device without native bfloat16 ({reason}): expect it to run many times slower "
-            "than float32 (29 x on an AVX2 CPU, README 'Precision'); precision auto picks float32 here")
+            "than float32 (29 x on an AVX2 CPU, docs/getting-started.md, 'Precision'); precision auto picks "
+            "float32 here")

@@ -67,7 +67,8 @@ def run_stage_process(stage: str, arguments: list[str]) -> StageRun:
         return StageRun(seconds, peak)
     if code < 0:
         name = signal.Signals(-code).name
-        hint = " (the system's out-of-memory killer sends it: see the README's memory section)" if -code == 9 else ""
+        hint = (" (the system's out-of-memory killer sends it: see docs/measurements.md, 'Memory, disk, and a "
+                "study stopped anywhere')" if -code == 9 else "")
         raise StageFailed(f"crossling study: stage {stage} was killed by {name}{hint} after {seconds:.0f} s, at "
                           f"{peak / 2**30:.1f} GiB resident; run the same command again to resume", 128 - code)
     if code == 2:  # a user's error: the stage has said what, in one line

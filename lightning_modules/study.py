@@ -56,7 +56,7 @@ class StudyConfig:
         overrides: extra arguments given to every stage (e.g. data sizes, epochs).
         counterfactual: training languages to leave out, one fit each (plus a control leaving out as many
             random examples), checked against TracIn's predicted change of test loss (None: not run; it
-            costs one full fine-tuning per language and seed; README, "The counterfactual check").
+            costs one full fine-tuning per language and seed; docs/study.md, "The counterfactual check").
         counterfactual_seeds: the seeds that run the counterfactual check (None: every seed).
         counterfactual_refits: seeds of refits per counterfactual seed: the full fine-tuning again with nothing
             removed, its dropout and batch order from this seed (the head's initialisation and the data stay).
@@ -221,7 +221,8 @@ def analysis_parts(with_fidelity: bool) -> list[tuple[str, ...]]:
     A process that has sketched and ranked keeps about 0.2-0.6 GB more resident (freed heap the allocator
     does not hand back) than a fresh one, and what comes after lands on top of it: the fidelity check's
     exact gradients (e5 demo: 4.39 GiB in one process, 3.16 GiB in a fresh one), or the report's figures
-    (3.74 GiB against 3.55 GiB for sketch and influence alone; README, memory).
+    (3.74 GiB against 3.55 GiB for sketch and influence alone; docs/measurements.md, "Memory, disk, and a study
+    stopped anywhere").
     """
     return [("sketch", "influence"), ("fidelity", "report") if with_fidelity else ("report",)]
 

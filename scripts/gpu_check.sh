@@ -7,8 +7,9 @@
 # 2. DDP over the GPUs there are (tests/test_ddp_fit.py with NCCL), where there are two or more.
 # 3. Throughput: a training step, a sketch pass and the fidelity check's exact gradients, at e5-small's and
 #    XLM-R base's shapes, bf16 and float32, against the GPU's own matmul rate (benchmarks/utilisation.py).
-# It ends with a block to paste into the README. The Python is $PYTHON, else python3 (the one with CUDA
-# torch); crossling's dependencies must be importable there (pip install -e . or wheels carried along).
+# It ends with a block to paste into docs/gpu.md, "GPU and multi-GPU". The Python is $PYTHON, else python3
+# (the one with CUDA torch); crossling's dependencies must be importable there (pip install -e . or wheels
+# carried along).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
@@ -71,7 +72,7 @@ length=()
 seconds=$(( $(date +%s) - started ))
 {
   echo
-  echo "---- paste into the README (GPU check, $(date -u +%Y-%m-%d), $name x $gpus, $(( seconds / 60 )) min $(( seconds % 60 )) s) ----"
+  echo "---- paste into docs/gpu.md (GPU check, $(date -u +%Y-%m-%d), $name x $gpus, $(( seconds / 60 )) min $(( seconds % 60 )) s) ----"
   echo "CUDA against the CPU: $(tail -n 1 "$out/device.log")"
   echo "$ddp"
   echo "Throughput (examples/s = batch / ms x 1000; MFU against the GPU's own 8192^3 matmul):"

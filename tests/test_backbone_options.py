@@ -129,7 +129,8 @@ def test_e5_tokenizer_normalises_bundled_text_exactly_like_the_package_table():
 
 def test_a_loaded_encoder_keeps_no_view_of_its_weight_file(tmp_path):
     """A pretrained encoder's weights must live in the process, not in the mapped safetensors file:
-    the file's pages would otherwise count in every stage's resident memory (README, memory)."""
+    the file's pages would otherwise count in every stage's resident memory (docs/measurements.md, "Memory,
+    disk, and a study stopped anywhere")."""
     import gc
 
     saved = build_classifier("tiny-random", init_seed=5)

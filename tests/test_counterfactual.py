@@ -99,7 +99,8 @@ def fit_tiny(run: Path, *extra: str) -> None:
 
 
 def schedule_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to the peak over ``warmup`` steps, then linear decay to zero at ``total`` (README)."""
+    """Linear warm-up to the peak over ``warmup`` steps, then linear decay to zero at ``total``
+    (docs/methods.md, "The counterfactual prediction and its approximations")."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     return max(0.0, (total - step) / max(1, total - warmup))

@@ -32,7 +32,8 @@ DEVICE = torch.device(os.environ.get("CROSSLING_CHECK_DEVICE", "cuda"))
 ACCELERATOR = "gpu" if DEVICE.type == "cuda" else DEVICE.type
 # float32 on both sides, different kernels and reduction orders
 LOGITS_ATOL, IMPORTANCE_RTOL, SKETCH_COSINE = 1e-5, 1e-4, 0.99999
-BF16_SKETCH_COSINE = 0.99  # a bfloat16 sketch pass against float32's (0.9999 on AVX-512 CPUs, README)
+# a bfloat16 sketch pass against float32's (0.9999 on AVX-512 CPUs; docs/measurements.md, "Which projection")
+BF16_SKETCH_COSINE = 0.99
 
 
 @pytest.fixture(scope="module", autouse=True)
