@@ -2,7 +2,8 @@
 
 A planted run (``data.init_args.plant``) marks a share of one language's training and test items with a
 label-revealing word; the marked training items are the known answer for the marked test items. For each
-method (``analysis/influence/methods.py``: TracIn under its normalization, TRAK at several dampings) this
+method (``analysis/influence/methods.py``: TracIn under its normalizations, TRAK at several dampings, and
+representation similarity when the sketch stage wrote representations, ``--sketch.kind representation``) this
 prints the mean average precision of the marked pool items over the marked test items (against the
 marked share a random ranking gets, and against unmarked test items of the language), and the planted
 language's share of each test item's top-m, marked against unmarked. No model pass: the sketch stage's
@@ -24,7 +25,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 
 from sketch_fidelity import load_run  # noqa: E402
 
-from analysis.influence.methods import score_matrix  # noqa: E402
+from analysis.influence.methods import feature_root, score_matrix  # noqa: E402
 from analysis.planted import planted_retrieval  # noqa: E402
 from analysis.sketch_store import list_epochs, read_sketch  # noqa: E402
 
@@ -55,12 +56,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'method':<22}{'AUPRC marked':>14}{'chance':>9}{'unmarked':>10}"
           f"{f'top-{args.m} {dm.plant.language} share: marked':>32}{'unmarked':>10}{'seconds':>9}")
     methods = [("tracin", n, None) for n in args.normalizations] + [("trak", None, d) for d in args.dampings]
+    representations = feature_root(args.run, "repsim")
+    if all((representations / "sketches" / f"epoch={e}" / args.condition / "train.npy").is_file() for e in epochs):
+        methods.append(("repsim", None, None))
+    else:
+        print(f"(no representations in {representations}: run the sketch stage with --sketch.kind representation "
+              "for repsim's row)")
     for method, normalization, damping in methods:
         start = time.perf_counter()
-        scores = score_matrix(method, [t.data for t in tests], [t.data for t in trains],
+        source = feature_root(args.run, method)
+        method_tests = [read_sketch(source, e, args.condition, "test") for e in epochs]
+        method_trains = [read_sketch(source, e, args.condition, "train") for e in epochs]
+        if any(not np.array_equal(a.indices, b.indices) for a, b in zip(method_trains + method_tests, trains + tests)):
+            raise SystemExit(f"{source}/sketches: holds other examples than {sketched}")
+        scores = score_matrix(method, [t.data for t in method_tests], [t.data for t in method_trains],
                               normalization or "dot", damping or 0.1)
         found = planted_retrieval(scores, pool_marked, test_marked, test_lang, pool_lang, args.m)
-        label = f"tracin ({normalization})" if method == "tracin" else f"trak (damping {damping:g})"
+        label = {"tracin": f"tracin ({normalization})", "trak": f"trak (damping {damping})"}.get(method, method)
         print(f"{label:<22}{found.mean_ap:>14.3f}{found.chance:>9.3f}{found.unmarked_mean_ap:>10.3f}"
               f"{found.top_m_share_marked:>32.1%}{found.top_m_share_unmarked:>10.1%}"
               f"{time.perf_counter() - start:>9.1f}")
