@@ -469,18 +469,13 @@ class Sketcher:
         try:
             with sketching_mode(model, self.options.attention), torch.no_grad(), \
                     autocast_for(self.options.precision, ids.device):
-                gating = gates.applied(head_mask, ids.shape[0]) if gates is not None else nullcontext()
-                if head_mask is not None and gates is None:
-                    raise ValueError("a head mask needs the model's HeadGates (gates=None cannot apply it)")
-                with gating:
-                    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
-                losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+                logits, losses = _forward_losses(model, gates, batch, head_mask, _Hooks([], None))
         finally:
             handle.remove()
         if len(seen) != 1:
             raise RuntimeError(f"{self.names[0]} ran {len(seen)} times in one forward pass, expected once")
         rep = seen[0]
-        return (rep[:, 0] if rep.dim() == 3 else rep).float(), losses, logits.argmax(-1)
+        return (rep[:, 0] if rep.dim() == 3 else rep).float(), losses.float(), logits.argmax(-1)
 
     def _backward(self, model, gates, batch: dict, head_mask, on_call, low_precision: bool):
         """One forward pass with ``on_call`` hooked on the sketched layers, then one backward pass of the

@@ -62,8 +62,8 @@ from ..optim import schedule_factor
 from .request import AnalyzeRequest
 
 OUT = "counterfactual"
-# keys a leave-out fit may differ in from the run it is compared with
-# a leave-out fit may differ in what it leaves out and whether it keeps the full fit's order of the rest
+# keys a leave-out fit may differ in from the run it is compared with: its folder, what it leaves out, and
+# whether it keeps the full fit's order of the rest
 FREE_KEYS = {("trainer", "default_root_dir"), ("data", "init_args", "leave_out"),
              ("data", "init_args", "coupled_order"), ("ckpt_path",)}
 
