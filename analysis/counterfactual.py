@@ -28,6 +28,7 @@ import numpy as np
 from .accuracy_stats import majority_rate
 from .atomic import atomic_write
 from .correlations import correlate
+from .layout import removed_run_name
 from .masks import name_seed
 from .seed_pooling import PooledEffect, SeedSample, pool_seeds
 
@@ -37,16 +38,6 @@ QUANTITIES = ("retrained", "predicted", "excess", "accuracy")
 
 class CounterfactualError(ValueError):
     """Inputs of the counterfactual check that do not fit together; the message names the file or key."""
-
-
-def removed_run_name(removed: str) -> str:
-    """The run directory of the fit that leaves ``removed`` (a language, or ``random``) out."""
-    return f"without-{removed}"
-
-
-def refit_run_name(seed: int) -> str:
-    """The run directory of a refit: the analysed run's config with another training seed, nothing removed."""
-    return f"refit-{seed}"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .accuracy_stats import PredictionsError, accuracy_table_with_intervals, difference_name, load_predictions
+from .layout import sft_random_runs
 from .study_pooled import qualifying_notes
 
 # (run, condition, reference run, reference condition, what it answers, paper item)
@@ -101,10 +102,9 @@ def accuracy_sentence(root: Path) -> str | None:
 
 def questions(root: Path) -> list[tuple[str, str, str, str, str, str]]:
     """QUESTIONS plus, for each random-subnetwork SFT run, its in-language share vs the full model (Fig 6)."""
-    random_runs = sorted(p.name for p in Path(root).glob("sft-random*") if p.is_dir())
-    return QUESTIONS + [(run, f"random{run.removeprefix('sft-random')}", "full", "full",
-                         f"after SFT with shuffled subnetworks ({run}) vs the fully fine-tuned model", "Fig 6")
-                        for run in random_runs]
+    return QUESTIONS + [(run.name, f"random{seed}", "full", "full",
+                         f"after SFT with shuffled subnetworks ({run.name}) vs the fully fine-tuned model", "Fig 6")
+                        for seed, run in sft_random_runs(Path(root)).items()]
 
 
 def study_findings(root: Path) -> list[str]:

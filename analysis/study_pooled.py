@@ -9,17 +9,25 @@ that did not beat the majority class). Reads only files the stages wrote.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from .accuracy_stats import PredictionsError, load_predictions, majority_rate
 from .contributions import in_language_share, positions_of
 from .influence import InfluenceError, kept_indices, load_topk, topk_path
 from .influence.options import MissingInputs
+from .layout import (
+    ANALYZE_CONFIG_FILE,
+    FULL,
+    config_value,
+    read_run_config,
+    sft_random_name,
+    sft_random_runs,
+    study_seed_folders,
+    training_seed,
+)
 from .masks import name_seed
 from .projection_error import load_projection_error
 from .seed_pooling import ALL, PooledEffect, SeedSample, pool_seeds
@@ -48,7 +56,7 @@ def influence_questions(random_seeds: list[int]) -> list[Question]:
             for r in random_seeds]
     out.append(Question("sft_vs_full", "sft", "own", "full", "full",
                         "after SFT (own subnetworks) vs the fully fine-tuned model", "Fig 4"))
-    out += [Question(f"sft_random{r}_vs_full", f"sft-random{r}", f"random{r}", "full", "full",
+    out += [Question(f"sft_random{r}_vs_full", sft_random_name(r), f"random{r}", "full", "full",
                      f"after SFT with shuffled subnetworks (seed {r}) vs the fully fine-tuned model", "Fig 6")
             for r in random_seeds]
     return out
@@ -93,45 +101,25 @@ def seed_roots(root: Path) -> dict[int, Path]:
     a seed half-way through would pool its natural analysis with other seeds' SFT.
     """
     root = Path(root)
-    found = {}
-    for path in sorted(root.glob("seed*")):
-        if (m := re.fullmatch(r"seed(\d+)", path.name)) and (path / "full").is_dir():
-            found[int(m.group(1))] = path
+    found = study_seed_folders(root)
     if found:
         progress = seed_progress(root)
         if progress is not None:
             found = {seed: path for seed, path in found.items() if seed in progress[0]}
         return dict(sorted(found.items()))
-    if (root / "full").is_dir():
-        return {training_seed(root / "full"): root}
+    if (root / FULL).is_dir():
+        seed = training_seed(root / FULL)
+        return {0 if seed is None else seed: root}
     return {}
 
 
-def training_seed(run: Path) -> int:
-    """``seed_everything`` of a run's config.yaml (0 when unknown)."""
-    path = run / "config.yaml"
-    if path.is_file():
-        value = (yaml.safe_load(path.read_text()) or {}).get("seed_everything")
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def random_seeds_of(roots: dict[int, Path]) -> list[int]:
-    seeds = set()
-    for path in roots.values():
-        for run in path.glob("sft-random*"):
-            if (m := re.fullmatch(r"sft-random(\d+)", run.name)):
-                seeds.add(int(m.group(1)))
-    return sorted(seeds)
+    return sorted({seed for path in roots.values() for seed in sft_random_runs(path)})
 
 
 def bootstrap_options(run: Path) -> tuple[int, int, float]:
     """(resamples, seed, level) of the run's analysis (its analyze.config.yaml), defaults otherwise."""
-    path = run / "analyze.config.yaml"
-    influence = {}
-    if path.is_file():
-        influence = (yaml.safe_load(path.read_text()) or {}).get("influence") or {}
+    influence = config_value(read_run_config(run, ANALYZE_CONFIG_FILE), "influence") or {}
     return int(influence.get("bootstrap_resamples", 1000)), int(influence.get("seed", 0)), float(
         influence.get("ci_level", 0.95))
 
@@ -245,7 +233,7 @@ def pooled_accuracy(root: Path) -> list[PooledFinding]:
     roots = seed_roots(root)
     out = []
     for run, what in [("sft", "test accuracy after SFT (own subnetworks) vs the fully fine-tuned model")] + [
-        (f"sft-random{r}", f"test accuracy after SFT with shuffled subnetworks (seed {r}) vs the fully "
+        (sft_random_name(r), f"test accuracy after SFT with shuffled subnetworks (seed {r}) vs the fully "
                            "fine-tuned model") for r in random_seeds_of(roots)
     ]:
         samples, languages = [], None

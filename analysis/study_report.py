@@ -18,6 +18,7 @@ from markdown_it import MarkdownIt
 from .atomic import save_figure
 from .atomic import write_text_atomic as _write
 from .counterfactual_report import counterfactual_section
+from .layout import FULL, SFT, sft_random_runs
 from .report.render import MAX_TABLE_ROWS, markdown_table, read_csv
 from .study_findings import study_findings
 from .study_pooled import describe, pooled_rows, pooled_table, seed_roots
@@ -29,7 +30,7 @@ PAPER_ORDER = ["Table 1", "Fig 12", "Fig 13", "Fig 14", "Fig 15", "Fig 11", "Fig
 
 
 def _runs(root: Path) -> list[Path]:
-    order = ["full", "sft"] + sorted(p.name for p in root.glob("sft-random*") if p.is_dir())
+    order = [FULL, SFT] + [run.name for run in sft_random_runs(root).values()]
     return [root / name for name in order if (root / name / "report" / "items.json").is_file()]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from .layout import config_value, read_run_config
 from .report.render import format_cell
 from .study_findings import study_findings
 from .study_pooled import (
@@ -51,13 +52,7 @@ def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float
 
 def dev_examples_per_language(run: Path) -> int | None:
     """``data.init_args.dev_per_language`` from the run's config.yaml (None when unknown or 'all')."""
-    import yaml
-
-    path = run / "config.yaml"
-    if not path.is_file():
-        return None
-    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
-    value = (data.get("init_args") or data).get("dev_per_language")
+    value = config_value(read_run_config(run), "data", "dev_per_language")
     return int(value) if isinstance(value, int) else None
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from analysis import layout
 from analysis.atomic import remove_temporaries
 from analysis.atomic import write_json_atomic as _write_json
 
@@ -197,7 +198,7 @@ def check_seeds(cfg: StudyConfig, path: Path) -> None:
 
 def seed_root(root: Path, cfg: StudyConfig, seed: int) -> Path:
     """Where one training seed's runs live: the study root itself when the study has one seed."""
-    return root if len(cfg.seeds) == 1 else root / f"seed{seed}"
+    return layout.seed_root(root, cfg.seeds, seed)
 
 
 def training_seed_args(seed: int) -> list[str]:
@@ -239,7 +240,7 @@ def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
     root = Path(cfg.root).expanduser().resolve()
     stages: list[Stage] = []
     for seed in cfg.seeds:
-        prefix = "" if len(cfg.seeds) == 1 else f"seed{seed}-"
+        prefix = "" if len(cfg.seeds) == 1 else f"{layout.seed_folder_name(seed)}-"
         with_fidelity = cfg.fidelity_seeds is None or seed in cfg.fidelity_seeds
         chain = plan_seed_stages(cfg, base, seed_root(root, cfg, seed), seed, prefix, with_fidelity)
         for stage in chain:
@@ -254,7 +255,7 @@ def plan_seed_stages(cfg: StudyConfig, base: Path, root: Path, seed: int, prefix
     """One training seed's chain: full fine-tuning, subnetworks, SFT and random SFT, their analyses."""
     conf = {k: config_args(base, getattr(cfg, k)) for k in ("full", "subnetworks", "sft", "analyze")
             if getattr(cfg, k) is not None}
-    full, sft = root / "full", root / "sft"
+    full, sft = root / layout.FULL, root / layout.SFT
     subnetworks_dir = full / "subnetworks"
     extra = list(cfg.overrides)
 
@@ -297,16 +298,16 @@ def plan_seed_stages(cfg: StudyConfig, base: Path, root: Path, seed: int, prefix
     stages.append(Stage(name("sft"), fit(conf["sft"], sft, masks), after("subnetworks"), resume_fit=sft,
                         outputs=[sft / "checkpoints"]))
     for random_seed in cfg.random_seeds:
-        run = root / f"sft-random{random_seed}"
-        stages.append(Stage(name(f"sft-random{random_seed}"),
+        run = root / layout.sft_random_name(random_seed)
+        stages.append(Stage(name(layout.sft_random_name(random_seed)),
                             fit(conf["sft"], run, masks, f"--model.random_mask_seed={random_seed}"),
                             after("subnetworks"), resume_fit=run, outputs=[run / "checkpoints"]))
     stages += analysis("sft-analysis", sft, cfg.sft_conditions, masks, f"--compare_to={full}",
                        depends=after("sft", "natural-analysis"))
     for random_seed in cfg.random_seeds:
-        run = root / f"sft-random{random_seed}"
-        stages += analysis(f"sft-random{random_seed}-analysis", run, [f"random{random_seed}"], masks,
-                           f"--compare_to={full}", depends=after(f"sft-random{random_seed}", "natural-analysis"))
+        run = root / layout.sft_random_name(random_seed)
+        stages += analysis(f"{run.name}-analysis", run, [f"random{random_seed}"], masks,
+                           f"--compare_to={full}", depends=after(run.name, "natural-analysis"))
     return stages + plan_optional_counterfactual(cfg, conf, root, seed, fit, name)
 
 
@@ -321,19 +322,19 @@ def plan_counterfactual_stages(cfg: StudyConfig, conf: dict[str, list[str]], roo
     """One fit per language left out and the random control (same config, seed and schedule as the full
     fine-tuning), the refits with nothing removed (another seed and batch order: retraining's noise), then
     the check that compares their test losses with TracIn's prediction."""
-    from analysis.counterfactual import CONTROL, refit_run_name, removed_run_name
+    from analysis.counterfactual import CONTROL
 
     full = root / "full"
     stages, fits = [], []
     for removed in [*cfg.counterfactual, CONTROL]:
-        run = root / removed_run_name(removed)
-        fits.append(name(removed_run_name(removed)))
+        run = root / layout.removed_run_name(removed)
+        fits.append(name(layout.removed_run_name(removed)))
         coupled = ["--data.init_args.coupled_order=true"] if cfg.counterfactual_coupled else []
         stages.append(Stage(fits[-1], fit(conf["full"], run, f"--data.init_args.leave_out={removed}", *coupled), [],
                             resume_fit=run, outputs=[run / "checkpoints"]))
     for refit in cfg.counterfactual_refits or []:
-        run = root / refit_run_name(refit)
-        fits.append(name(refit_run_name(refit)))
+        run = root / layout.refit_run_name(refit)
+        fits.append(name(layout.refit_run_name(refit)))
         # after the chain's seed arguments, so these two win: dropout and batch order change, nothing else
         command = [*fit(conf["full"], run), f"--seed_everything={refit}", f"--data.init_args.shuffle_seed={refit}"]
         stages.append(Stage(fits[-1], command, [], resume_fit=run, outputs=[run / "checkpoints"]))

@@ -52,6 +52,7 @@ def write_seed(root: Path, seed: int, change: int, degenerate: bool = False) -> 
     correct = rng.random(codes.size) > 0.2
     full = root / f"seed{seed}" / "full"
     write_ranking(full, "full", top_sets(rng, codes, base), correct, codes)
+    (full / "config.yaml").write_text(f"seed_everything: {seed}\n")  # what crossling fit writes
     write_ranking(full, "own", top_sets(rng, codes, own), correct & (rng.random(codes.size) > 0.1), codes)
     (full / "subnetworks").mkdir(parents=True)
     for lang in LANGS:
@@ -86,11 +87,13 @@ def test_a_change_every_seed_shows_is_marked_with_its_size(tmp_path):
     assert "degenerate subnetworks" in text and "seed 1 de" in text and "seed 0" not in text.split("Beware")[1]
 
 
-def test_seed_folders_are_found_by_number_and_a_one_seed_study_at_its_root(tmp_path):
-    for seed in (10, 2):
-        (tmp_path / "many" / f"seed{seed}" / "full").mkdir(parents=True)
-    (tmp_path / "many" / "seedling" / "full").mkdir(parents=True)
-    assert list(seed_roots(tmp_path / "many")) == [2, 10]
+def test_seed_folders_are_found_by_their_fits_seed_and_a_one_seed_study_at_its_root(tmp_path):
+    for folder, seed in (("seed10", 10), ("seed2", 2), ("seedling", 3), ("seed7", 8)):
+        (tmp_path / "many" / folder / "full").mkdir(parents=True)
+        (tmp_path / "many" / folder / "full" / "config.yaml").write_text(f"seed_everything: {seed}\n")
+    (tmp_path / "many" / "seed5" / "full").mkdir(parents=True)  # no config: no fit wrote it
+    # the seed is the fit's; a folder whose name is not the one the runner gives that seed is not a seed's
+    assert seed_roots(tmp_path / "many") == {2: tmp_path / "many" / "seed2", 10: tmp_path / "many" / "seed10"}
     (tmp_path / "one" / "full").mkdir(parents=True)
     (tmp_path / "one" / "full" / "config.yaml").write_text("seed_everything: 4\n")
     assert seed_roots(tmp_path / "one") == {4: tmp_path / "one"}

@@ -20,6 +20,7 @@ from ..influence import (
     run_label,
     topk_path,
 )
+from ..layout import config_value, read_run_config
 
 SIGN_NAMES = {"pos": "most positive (proponents)", "neg": "most negative (opponents)"}
 
@@ -78,9 +79,15 @@ def slug(text: str) -> str:
 
 
 def detect_run_kind(run_dir: Path, requested: str = "auto") -> str:
-    """``full``, ``sft`` or ``sft-random``: from the option, else guessed from the run directory's name."""
+    """``full``, ``sft`` or ``sft-random``: from the option, else from the run's config (SFT runs name their
+    subnetworks, shuffled ones a mask seed), else guessed from the run directory's name."""
     if requested != "auto":
         return requested
+    config = read_run_config(run_dir)
+    if config is not None:
+        if config_value(config, "model", "random_mask_seed") is not None:
+            return "sft-random"
+        return "sft" if config_value(config, "model", "subnetworks") else "full"
     name = Path(run_dir).resolve().name.lower()
     if "sft" in name:
         return "sft-random" if "random" in name else "sft"

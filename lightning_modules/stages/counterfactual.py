@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from analysis.contributions import positions_of
 from analysis.counterfactual import (
@@ -34,9 +33,7 @@ from analysis.counterfactual import (
     language_mean_gradients,
     load_test_losses,
     per_example_effects,
-    refit_run_name,
     removal_prediction,
-    removed_run_name,
     write_test_losses,
 )
 from analysis.counterfactual_report import (
@@ -47,6 +44,7 @@ from analysis.counterfactual_report import (
 )
 from analysis.influence.methods import feature_root, score_matrix
 from analysis.influence.options import METHODS
+from analysis.layout import CONFIG_FILE, read_run_config, refit_run_name, removed_run_name
 from analysis.planted import PlantedInputs, planted_retrieval
 from analysis.sketch_store import check_compatible, list_epochs, read_sketch
 from callbacks.checkpoints import (
@@ -124,10 +122,11 @@ def _flatten(config: dict, prefix: tuple = ()) -> dict[tuple, object]:
 
 
 def _read_config(run: Path) -> dict:
-    path = run / "config.yaml"
-    if not path.is_file():
-        raise CounterfactualError(f"{path}: not found; the counterfactual check compares fits made by crossling fit")
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    config = read_run_config(run)
+    if config is None:
+        raise CounterfactualError(f"{run / CONFIG_FILE}: not found; the counterfactual check compares fits made by "
+                                  "crossling fit")
+    return config
 
 
 # keys a refit changes: the dropout draws and the batch order (the head's initialisation and the data stay)
