@@ -105,10 +105,15 @@ def stage_folder(stage: Stage) -> Path:
     raise ValueError(f"stage {stage.name}: its command names no run directory ({stage.command})")
 
 
-def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"study config not found: {path}")
+CONFIG_FILE_KEYS = ("full", "subnetworks", "sft", "analyze")  # keys naming stage config files
+
+
+def read_study_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A study config's keys, with those of the study config it names as ``base`` underneath (recursively).
+
+    Why: a study that adds one check to another (the counterfactual check, a planted fraction) should state
+    only what it adds. The file's own keys win; ``overrides`` are the base's followed by the file's (later
+    arguments win on the command line); stage config files named by a base stay relative to the base's folder."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
@@ -119,6 +124,36 @@ def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
     if not isinstance(raw, dict):
         raise StudyConfigError(f"{path}: expected a mapping of study keys (root, full, seeds, ...), "
                                f"found a {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise StudyConfigError(f"{path}: key 'base': expected the path of another study config, found {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in (*chain, path):
+        raise StudyConfigError(f"{path}: key 'base': {base_path} names this config again (a circle of bases)")
+    if not base_path.is_file():
+        raise StudyConfigError(f"{path}: key 'base': {base_path} not found")
+    inherited = read_study_mapping(base_path, (*chain, path))
+    for key in CONFIG_FILE_KEYS:
+        value = inherited.get(key)
+        if key in raw:
+            continue
+        if isinstance(value, str):  # resolved where the base names them
+            inherited[key] = str(base_path.parent / value)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            inherited[key] = [str(base_path.parent / v) for v in value]
+    merged = {**inherited, **raw}
+    if isinstance(inherited.get("overrides"), list) and isinstance(raw.get("overrides"), list):
+        merged["overrides"] = [*inherited["overrides"], *raw["overrides"]]
+    return merged
+
+
+def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"study config not found: {path}")
+    raw = read_study_mapping(path)
     known = set(StudyConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -164,7 +199,7 @@ def check_counterfactual_languages(cfg: StudyConfig, path: Path) -> None:
 def check_config_files(cfg: StudyConfig, path: Path) -> None:
     """Each stage's config is a file name or a non-empty list of them, and each file exists (only ``sft``
     may be null)."""
-    for key in ("full", "subnetworks", "sft", "analyze"):
+    for key in CONFIG_FILE_KEYS:
         value = getattr(cfg, key)
         if value is None and key == "sft":
             continue
@@ -253,7 +288,7 @@ def plan_stages(cfg: StudyConfig, base: Path) -> list[Stage]:
 def plan_seed_stages(cfg: StudyConfig, base: Path, root: Path, seed: int, prefix: str,
                      with_fidelity: bool) -> list[Stage]:
     """One training seed's chain: full fine-tuning, subnetworks, SFT and random SFT, their analyses."""
-    conf = {k: config_args(base, getattr(cfg, k)) for k in ("full", "subnetworks", "sft", "analyze")
+    conf = {k: config_args(base, getattr(cfg, k)) for k in CONFIG_FILE_KEYS
             if getattr(cfg, k) is not None}
     full, sft = root / layout.FULL, root / layout.SFT
     subnetworks_dir = full / "subnetworks"

@@ -22,7 +22,9 @@ def study_configs() -> list:
     found = []
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         raw = yaml.safe_load(path.read_text()) or {}
-        if isinstance(raw, dict) and {"full", "sft", "analyze"} <= set(raw) <= keys:
+        # a study config states its stages, or names a base study config whose keys it adds to
+        if isinstance(raw, dict) and ({"full", "sft", "analyze"} <= set(raw) or "base" in raw) \
+                and set(raw) <= keys | {"base"}:
             found.append(path)
     return found
 
@@ -31,6 +33,24 @@ def test_the_shipped_study_configs_are_found():
     names = {str(p.relative_to(REPO / "configs")) for p in study_configs()}
     expected = {"demo/pawsx.yaml", "demo/xnli.yaml", "xnli/study.yaml", "pawsx/study.yaml", "marc/study.yaml"}
     assert expected <= names, f"missing: {expected - names}"
+
+
+def test_a_composed_study_plans_its_bases_stages_unchanged_and_adds_its_own():
+    """The counterfactual config names the demo as its base: every stage the demo plans is planned with the
+    same command, and the leave-out fits come on top; a planted fraction's fits carry its fraction last."""
+    def plan(name):
+        return {s.name: s.command for s in plan_stages(*load_study_config(REPO / "configs/demo" / name))}
+
+    demo, counterfactual = plan("e5-xnli.yaml"), plan("e5-xnli-counterfactual.yaml")
+    added = set(counterfactual) - set(demo)
+    assert {name: counterfactual[name] for name in demo if name != "report"} == \
+        {name: command for name, command in demo.items() if name != "report"}
+    assert {"seed0-without-en", "seed2-without-random", "seed1-refit-10", "seed0-counterfactual-analysis"} <= added
+    planted = plan("e5-xnli-planted-0.05.yaml")
+    fractions = [a for a in planted["full"] if a.startswith("--data.init_args.plant.fraction=")]
+    assert fractions[-1] == "--data.init_args.plant.fraction=0.05"  # the later argument wins
+    assert "runs/demo/e5-xnli-planted-0.05/full" in next(a for a in planted["full"] if "default_root_dir" in a)
+    assert not any("refit" in name for name in planted)
 
 
 @pytest.mark.parametrize("path", study_configs(), ids=lambda p: str(p.relative_to(REPO / "configs")))
@@ -54,8 +74,8 @@ def test_every_stage_of_a_shipped_study_parses(path, monkeypatch, capsys):
         parsed = yaml.safe_load(printed.out)
         root_dir = next(a for a in stage.command if a.startswith("--trainer.default_root_dir="))
         assert parsed["trainer"]["default_root_dir"] == root_dir.split("=", 1)[1]
-        for override in cfg.overrides:  # the study's overrides reach every stage
-            key, value = override.removeprefix("--").split("=", 1)
+        # the study's overrides reach every stage; of two for one key (a base's and a composed config's), the later
+        for key, value in dict(o.removeprefix("--").split("=", 1) for o in cfg.overrides).items():
             node = parsed
             for part in key.split("."):
                 node = node[part]

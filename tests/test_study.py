@@ -288,6 +288,41 @@ def test_a_study_config_that_is_not_yaml_is_one_line_naming_the_file_and_line(tm
     assert out.strip().count("\n") == 0, out
 
 
+def test_a_study_config_adds_its_keys_to_its_bases(tmp_path):
+    """The file's keys win, overrides follow the base's, and the base's stage configs stay relative to it."""
+    from lightning_modules.study import load_study_config
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name in ("full.yaml", "sft.yaml", "analyze.yaml", "subnetworks.yaml"):
+        (tmp_path / "a" / name).write_text("{}\n")
+    (tmp_path / "a" / "base.yaml").write_text(yaml.safe_dump({
+        "root": "runs/base", "full": "full.yaml", "sft": "sft.yaml", "analyze": "analyze.yaml",
+        "subnetworks": "subnetworks.yaml", "seeds": [0, 1], "overrides": ["--x=1", "--y=2"]}))
+    (tmp_path / "b" / "middle.yaml").write_text(yaml.safe_dump({"base": "../a/base.yaml", "seeds": [3],
+                                                                "overrides": ["--y=3"]}))
+    (tmp_path / "b" / "child.yaml").write_text(yaml.safe_dump({"base": "middle.yaml", "root": "runs/child",
+                                                               "sft": None, "overrides": ["--z=4"]}))
+    cfg, _ = load_study_config(tmp_path / "b" / "child.yaml")
+    assert (cfg.root, cfg.seeds, cfg.sft) == ("runs/child", [3], None)
+    assert cfg.overrides == ["--x=1", "--y=2", "--y=3", "--z=4"]
+    assert cfg.full == str(tmp_path / "a" / "full.yaml") and cfg.analyze == str(tmp_path / "a" / "analyze.yaml")
+
+
+@pytest.mark.parametrize("base, message", [
+    ("nowhere.yaml", "key 'base': {tmp}/nowhere.yaml not found"),
+    ("study.yaml", "key 'base': {tmp}/study.yaml names this config again"),
+    (["a.yaml"], "key 'base': expected the path of another study config, found ['a.yaml']"),
+])
+def test_a_bad_base_is_one_line_naming_the_key(tmp_path, base, message):
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"base": base, "seeds": [0]}))
+    proc = study(config)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and message.format(tmp=tmp_path) in out and str(config) in out, out[-2000:]
+    assert out.strip().count("\n") == 0 and "Traceback" not in out, out
+
+
 def test_a_changed_option_reruns_only_its_dependents(finished, tmp_path):
     # runs last: it changes the finished study (smaller sketches), which the tests above compare against
     root, _, config = finished
