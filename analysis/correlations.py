@@ -5,13 +5,13 @@
   ordered language pair (test a, train b, a ≠ b), over the whole model and per layer;
 - head overlap (% of a's enabled heads also enabled in b) vs negative cross-language influence.
 
-The mask helpers are deliberately small and local (numpy over L×H 0/1 arrays) so this module does not
-depend on the mask-statistics stage having run.
+The mask similarities themselves come from ``mask_stats.py`` (computed from the masks, not read from the
+subnetwork stage's files); this module only correlates matrices of them with influence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -71,42 +71,6 @@ def correlate(x: Sequence[float], y: Sequence[float]) -> Correlation:
     )
 
 
-def mask_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two flattened 0/1 masks (the paper's subnetwork similarity); NaN if one is empty."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1)
-    b = np.asarray(b, dtype=np.float64).reshape(-1)
-    denom = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / denom) if denom > 0 else float("nan")
-
-
-def layer_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per layer (row), the cosine of the two masks' rows."""
-    a, b = np.asarray(a), np.asarray(b)
-    return np.array([mask_cosine(a[i], b[i]) for i in range(a.shape[0])])
-
-
-def overlap_count(a: np.ndarray, b: np.ndarray) -> int:
-    """Heads enabled in both masks."""
-    return int(np.logical_and(np.asarray(a) > 0, np.asarray(b) > 0).sum())
-
-
-def overlap_percent(a: np.ndarray, b: np.ndarray) -> float:
-    """% of a's enabled heads that b also enables (asymmetric, as in the paper's Figs 13-15)."""
-    enabled = int((np.asarray(a) > 0).sum())
-    return 100.0 * overlap_count(a, b) / enabled if enabled else float("nan")
-
-
-def head_usage(masks: Mapping[str, np.ndarray]) -> np.ndarray:
-    """L×H: how many languages' subnetworks enable each head (paper Fig 12)."""
-    stacked = np.stack([np.asarray(m) > 0 for m in masks.values()])
-    return stacked.sum(axis=0)
-
-
-def pair_matrix(masks: Mapping[str, np.ndarray], languages: Sequence[str], fn) -> np.ndarray:
-    """(L, L) matrix of ``fn(mask[row language], mask[column language])``."""
-    return np.array([[fn(masks[a], masks[b]) for b in languages] for a in languages], dtype=np.float64)
-
-
 @dataclass
 class PairPoints:
     """One point per ordered language pair (test language a, train language b, a ≠ b)."""
@@ -147,16 +111,11 @@ def cross_language_points(
     return PairPoints(a_list, b_list, x, y, correlate(x, y))
 
 
-def per_layer_correlations(
-    masks: Mapping[str, np.ndarray], languages: Sequence[str], influence: np.ndarray
-) -> list[Correlation]:
-    """Fig 9: for each layer, correlate that layer's mask cosine with cross-language influence over pairs."""
-    n_layers = np.asarray(next(iter(masks.values()))).shape[0]
-    out = []
-    for layer in range(n_layers):
-        sim = pair_matrix(masks, languages, lambda a, b, layer=layer: mask_cosine(a[layer], b[layer]))
-        out.append(cross_language_points(sim, influence, languages).correlation)
-    return out
+def per_layer_correlations(per_layer_similarity: np.ndarray, influence: np.ndarray,
+                           languages: Sequence[str]) -> list[Correlation]:
+    """Fig 9: for each layer, correlate that layer's (N, N) mask similarity (``per_layer_similarity``: L × N × N,
+    e.g. ``mask_stats.mask_cosine_per_layer``) with cross-language influence over pairs."""
+    return [cross_language_points(sim, influence, languages).correlation for sim in per_layer_similarity]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Statistics of the language subnetworks (the paper's Appendix D and Fig 8 left).
+"""Statistics of the language subnetworks (the paper's Appendix D and Fig 8 left): their one home. The
+subnetwork stage's ``subnetworks/stats/`` and the report's mask sections both compute from here.
 
 Masks are L×H arrays of 0/1 where 1 marks an enabled head, so a language's subnetwork
 is the set of its ones. Every function takes ``masks`` (language -> mask) and the

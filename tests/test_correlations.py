@@ -1,4 +1,4 @@
-"""Correlations and mask helpers against hand formulas."""
+"""Correlations against hand formulas (the mask statistics they correlate: test_mask_stats.py)."""
 
 import numpy as np
 from scipy import stats
@@ -7,15 +7,10 @@ from analysis.correlations import (
     SpecialisationPoint,
     correlate,
     cross_language_points,
-    head_usage,
-    layer_cosines,
-    mask_cosine,
-    overlap_count,
-    overlap_percent,
-    pair_matrix,
     per_layer_correlations,
     specialisation_vs_accuracy,
 )
+from analysis.mask_stats import mask_cosine_per_layer
 
 
 def _pearson_by_hand(x, y):
@@ -64,21 +59,6 @@ def test_correlate_undefined_cases_are_nan():
     assert c.n == 4 and np.isclose(c.pearson_r, 1.0)
 
 
-def test_mask_helpers_by_hand():
-    a = np.array([[1, 1], [0, 0]])
-    b = np.array([[1, 0], [1, 0]])
-    c = np.array([[1, 1], [1, 1]])
-    assert np.isclose(mask_cosine(a, b), 0.5)
-    assert np.isclose(mask_cosine(a, c), 2 / np.sqrt(2 * 4))
-    assert np.isnan(mask_cosine(a, np.zeros((2, 2))))
-    np.testing.assert_allclose(layer_cosines(a, c), [1.0, np.nan])
-    assert overlap_count(a, c) == 2
-    assert overlap_percent(a, c) == 100.0 and overlap_percent(c, a) == 50.0  # asymmetric
-    np.testing.assert_array_equal(head_usage({"x": a, "y": b, "z": c}), [[3, 2], [2, 1]])
-    m = pair_matrix({"x": a, "y": b}, ["x", "y"], overlap_count)
-    np.testing.assert_array_equal(m, [[2, 1], [1, 2]])
-
-
 def test_cross_language_points_use_off_diagonal_cells_in_order():
     langs = ["en", "de", "fr"]
     sim = np.array([[1.0, 0.2, 0.5], [0.2, 1.0, 0.9], [0.5, 0.9, 1.0]])
@@ -101,9 +81,13 @@ def test_per_layer_correlations_single_out_the_informative_layer():
     rng = np.random.default_rng(4)
     langs = ["a", "b", "c", "d"]
     masks = {lang: np.vstack([np.ones(6), rng.integers(0, 2, 6), np.ones(6)]) for lang in langs}
-    layer1 = pair_matrix(masks, langs, lambda x, y: mask_cosine(x[1], y[1]))
+    per_layer = mask_cosine_per_layer(masks, langs)
+    # layer 1's cosines written out by hand
+    layer1 = np.array([[masks[x][1] @ masks[y][1] / np.linalg.norm(masks[x][1]) / np.linalg.norm(masks[y][1])
+                        for y in langs] for x in langs])
+    np.testing.assert_allclose(per_layer[1], layer1)
     influence = 20 * layer1 + 1  # influence follows layer 1 only
-    corr = per_layer_correlations(masks, langs, influence)
+    corr = per_layer_correlations(per_layer, influence, langs)
     assert np.isnan(corr[0].pearson_r) and np.isnan(corr[2].pearson_r)  # identical layers: undefined
     np.testing.assert_allclose(corr[1].pearson_r, 1.0)
 

@@ -10,19 +10,12 @@ import numpy as np
 
 from .. import plots
 from ..contributions import write_rows_csv
-from ..correlations import (
-    cross_language_points,
-    head_usage,
-    mask_cosine,
-    overlap_count,
-    overlap_percent,
-    pair_matrix,
-    per_layer_correlations,
-)
+from ..correlations import cross_language_points, per_layer_correlations
 from ..influence import (
     condition_table,
     kept_indices,
 )
+from ..mask_stats import head_usage, mask_cosine, mask_cosine_per_layer, overlap_absolute, overlap_percent
 from ..masks import MaskError, condition_masks, load_subnetworks, resolve_mask
 from .items import Item, Report, Source, slug
 from .render import markdown_table, read_csv
@@ -84,7 +77,7 @@ def mask_sections(rep: Report, sources: list[Source], run_dirs: list[Path], lang
         )
     )
     # Fig 12: head usage
-    usage = head_usage(subnets)
+    usage = head_usage(subnets, languages)
     png = plots.plot_heatmaps(
         rep.path("head_usage", "png"),
         [
@@ -116,9 +109,9 @@ def mask_sections(rep: Report, sources: list[Source], run_dirs: list[Path], lang
         )
     )
     # Figs 13-15 and Fig 8 (left)
-    absolute = pair_matrix(subnets, languages, overlap_count)
-    percent = pair_matrix(subnets, languages, overlap_percent)
-    cosine = pair_matrix(subnets, languages, mask_cosine)
+    absolute = overlap_absolute(subnets, languages).astype(np.float64)
+    percent = overlap_percent(subnets, languages)
+    cosine = mask_cosine(subnets, languages)
     png = plots.plot_heatmaps(
         rep.path("mask_overlap", "png"),
         [
@@ -201,8 +194,8 @@ def mask_sections(rep: Report, sources: list[Source], run_dirs: list[Path], lang
         if len(masks) != len(languages) or len({m.tobytes() for m in masks.values()}) < 2:
             continue
         table = condition_table(src.top, kept_indices([src.top]), rep.options, src.condition)
-        cos = pair_matrix(masks, languages, mask_cosine)
-        ovl = pair_matrix(masks, languages, overlap_percent)
+        cos = mask_cosine(masks, languages)
+        ovl = overlap_percent(masks, languages)
         for key_base, sim, sign, xlabel, paper, what in (
             ("cosine_vs_positive", cos, "pos", "mask cosine similarity", "Fig 8 (right)", "positive"),
             (
@@ -250,7 +243,7 @@ def mask_sections(rep: Report, sources: list[Source], run_dirs: list[Path], lang
             rep.items.append(
                 Item(key, f"{src.name}: {xlabel} vs {what} influence", sentence, paper, png, csv_path)
             )
-        layers = per_layer_correlations(masks, languages, table.percent["pos"])
+        layers = per_layer_correlations(mask_cosine_per_layer(masks, languages), table.percent["pos"], languages)
         key = slug(f"layer_cosine_vs_positive_{src.name}")
         png = plots.plot_bars(
             rep.path(key, "png"),
