@@ -23,7 +23,8 @@ from .counterfactual import (
     noise_floor,
 )
 from .counterfactual_plot import plot_counterfactual_matrices, plot_predicted_vs_retrained
-from .planted import PlantedInputs, describe_planted, planted_cell
+from .planted import PlantedInputs, describe_planted, method_rows, planted_cell
+from .report.render import markdown_table
 
 EFFECTS_FILE = "effects.npz"
 RUN_FOLDER = "counterfactual"  # under the analysed (full fine-tuning) run
@@ -161,6 +162,13 @@ def seed_notes(seed_roots: dict[int, Path], seeds: list[int]) -> list[str]:
             continue  # an older stage's file: the pooled numbers above still hold
         if record.get("planted_sentence"):
             md += [f"**Seed {seed}.** {record['planted_sentence']}", ""]
+        planted = record.get("planted") if isinstance(record.get("planted"), dict) else {}
+        rows = method_rows(planted.get("retrieval"), planted.get("retrieval_by_method"))
+        if len(rows) > 1:  # TracIn and at least one other method: a small leaderboard
+            counts = planted.get("retrieval") or next(iter(planted["retrieval_by_method"].values()))
+            md += [f"**Seed {seed}, which attribution finds the planted items** ({counts['n_test']} marked test "
+                   f"items; {counts['n_marked_pool']} of the {counts['n_pool']} ranked training items marked):", "",
+                   markdown_table(rows), ""]
         elif isinstance(record.get("planted"), dict) and record["planted"].get("note"):
             md += [f"**Seed {seed}, planted control:** {record['planted']['note']}.", ""]
         by = record.get("by_checkpoints") or {}

@@ -172,3 +172,23 @@ def describe_planted(language: str, fraction: float, retrained: PlantedCell, pre
                 text += (f", {language}'s top-{found.m} share {100 * found.top_m_share_marked:.1f} % against "
                          f"{100 * found.top_m_share_unmarked:.1f} %")
     return text + "."
+
+
+def method_rows(retrieval: Mapping | None, by_method: Mapping[str, Mapping] | None) -> list[dict]:
+    """One row per attribution method of a planted run's retrieval records (``counterfactual.json``: TracIn's
+    ``retrieval`` and ``retrieval_by_method``): which method finds the planted training items best, beside
+    what a random ranking gets. Empty when no method was scored."""
+    records = ({"tracin": retrieval} if retrieval else {}) | dict(by_method or {})
+    rows = []
+    for method, r in records.items():
+        if not r or not r.get("n_test"):
+            continue
+        row = {"method": METHOD_NAMES.get(method, method),
+               "AUPRC, marked test items": f"{r['mean_ap']:.3f}",
+               "a random ranking": f"{r['chance']:.3f}",
+               "unmarked test items": f"{r['unmarked_mean_ap']:.3f}"}
+        if r.get("m"):
+            row[f"top-{r['m']} share, marked / unmarked"] = \
+                f"{100 * r['top_m_share_marked']:.1f} % / {100 * r['top_m_share_unmarked']:.1f} %"
+        rows.append(row)
+    return rows
