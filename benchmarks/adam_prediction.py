@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     for epoch, (_, path) in zip(epochs, checkpoints):
         load_weights(module, path)
         module.eval()
-        record = load_checkpoint(path)["crossling"].get("adam")
+        record = load_checkpoint(path).get("adam")
         plain = Sketcher(module.model, options)
         try:
             scales = preconditioner_scales(record, plain.names)

@@ -101,10 +101,10 @@ class EpochCheckpoint(pl.Callback):
                     # constructor arguments only (LightningCLI adds "_instantiator"), so that
                     # ``type(module)(**hparams)`` rebuilds the model
                     "hparams": {k: v for k, v in pl_module.hparams.items() if not k.startswith("_")},
-                    # Adam's preconditioner, factored per linear layer: TracIn's Adam-preconditioned variant
-                    "adam": adam_record(trainer, pl_module),
                 },
                 "state_dict": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                # Adam's preconditioner, factored per linear layer (tensors: kept out of the plain metadata above)
+                "adam": adam_record(trainer, pl_module),
             }
             atomic_torch_save(payload, directory / f"epoch={epoch}.ckpt")
         if self.save_last:

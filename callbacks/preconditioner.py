@@ -11,7 +11,7 @@ scaled by ``a`` and ``b`` (``Sketcher(..., scales=...)``). The factors are Adafa
 column sums over the total), exact when ``√P`` has rank one; each layer records how close they come
 (``fidelity``: the cosine between ``√P`` and ``a bᵀ``).
 
-Saved in every epoch checkpoint (``crossling.adam``, a few hundred kB for e5-small) because the fit
+Saved in every epoch checkpoint (its ``adam`` entry, a few hundred kB for e5-small) because the fit
 ends by deleting the optimizer state that nothing else reads.
 """
 

@@ -618,7 +618,7 @@ def test_adam_prediction_benchmark_reads_the_preconditioner_each_checkpoint_reco
 
     root, _ = tiny_study
     for _, path in list_checkpoints(root / "full"):
-        assert load_checkpoint(path)["crossling"]["adam"]["layers"]
+        assert load_checkpoint(path)["adam"]["layers"]
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/adam_prediction.py"), str(root / "full"), "--k", "6", "--pairs", "1",
          "--train-per-language", "10"],

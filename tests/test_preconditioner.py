@@ -105,7 +105,7 @@ def test_epoch_checkpoint_holds_the_factored_preconditioner_of_the_optimizer(tmp
         default_root_dir=str(tmp_path), callbacks=[EpochCheckpoint(save_last=False)],
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
-    record = load_checkpoint(tmp_path / "checkpoints" / "epoch=1.ckpt")["crossling"]["adam"]
+    record = load_checkpoint(tmp_path / "checkpoints" / "epoch=1.ckpt")["adam"]
     optimizer = trainer.optimizers[0]
     assert record["step"] == 12  # 2 × 12 examples in batches of 4, two epochs
     linears = [n for n, m in module.model.named_modules() if isinstance(m, torch.nn.Linear)]
