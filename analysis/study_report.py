@@ -67,8 +67,8 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
             continue
         label = f"{run} ({row['condition']})"
         series.setdefault(label, {}).setdefault(int(row["epoch"]), []).append(float(row["in_language_percent"]))
-    if not series:
-        return False
+    if not any(len(by_epoch) > 1 for by_epoch in series.values()):
+        return False  # one checkpoint per run: dots, not lines over epochs; the runs' tables hold the values
     fig, ax = plt.subplots(figsize=(6, 3.6))
     shown = sorted({e + 1 for by_epoch in series.values() for e in by_epoch})
     for label, by_epoch in series.items():

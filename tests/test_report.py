@@ -410,3 +410,20 @@ def test_markdown_tables_read_back_to_their_cells():
     for row, line in zip(rows, lines[2:], strict=True):
         share = "nan" if not np.isfinite(row["share"]) else f"{row['share']:.3g}"
         assert cells(line) == [row["lang"], share, str(row.get("n", "")), f"{float(row['pct']):.4g}"]
+
+
+def test_one_checkpoint_gives_the_dynamics_as_a_table_not_a_figure_of_dots(runs):
+    from analysis.report import build_report as build
+    from analysis.study_report import plot_dynamics
+
+    full = runs[0]
+    options = InfluenceOptions(**OPTS, epochs=[2])  # the last checkpoint only, as the demo ranks
+    run_influence(full, ["full"], options)
+    md = build(full, ["full"], options).read_text()
+    section = md.split("Language specialisation over epochs")[1].split("\n## ")[0]
+    assert "![" not in section and not (full / "report" / "dynamics_in_language.png").exists()
+    assert "(dynamics_in_language.csv)" in section  # its table stands in for the figure
+    one = [{"run_dir": "full", "run": "x/full", "condition": "full", "epoch": 2, "in_language_percent": 30.0}]
+    assert plot_dynamics(one, full / "across.png") is False and not (full / "across.png").exists()
+    two = one + [{**one[0], "epoch": 1, "in_language_percent": 25.0}]
+    assert plot_dynamics(two, full / "across.png") is True and (full / "across.png").is_file()

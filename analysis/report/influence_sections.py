@@ -244,13 +244,15 @@ def dynamics(rep: Report, sources: list[Source]) -> dict[str, list[Specialisatio
         points_by_source[src.name] = points
     if panels:
         key = "dynamics_in_language"
+        # a line needs two checkpoints: with one (the demo sketches the last only) the table says it all
+        lines = any(len(series.x) > 1 for _, panel in panels for series in panel)
         png = plots.plot_lines(
             rep.path(key, "png"),
             panels,
             "epoch (checkpoint)",
             "in-language % of positive top-m",
             "Language specialisation per checkpoint",
-        )
+        ) if lines else None
         csv_path = write_rows_csv(
             rep.path(key, "csv"),
             csv_rows,
