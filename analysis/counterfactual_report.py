@@ -160,17 +160,17 @@ def seed_notes(seed_roots: dict[int, Path], seeds: list[int]) -> list[str]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # an older stage's file: the pooled numbers above still hold
+        planted = record.get("planted") if isinstance(record.get("planted"), dict) else {}
         if record.get("planted_sentence"):
             md += [f"**Seed {seed}.** {record['planted_sentence']}", ""]
-        planted = record.get("planted") if isinstance(record.get("planted"), dict) else {}
+        elif planted.get("note"):
+            md += [f"**Seed {seed}, planted control:** {planted['note']}.", ""]
         rows = method_rows(planted.get("retrieval"), planted.get("retrieval_by_method"))
         if len(rows) > 1:  # TracIn and at least one other method: a small leaderboard
             counts = planted.get("retrieval") or next(iter(planted["retrieval_by_method"].values()))
             md += [f"**Seed {seed}, which attribution finds the planted items** ({counts['n_test']} marked test "
                    f"items; {counts['n_marked_pool']} of the {counts['n_pool']} ranked training items marked):", "",
                    markdown_table(rows), ""]
-        elif isinstance(record.get("planted"), dict) and record["planted"].get("note"):
-            md += [f"**Seed {seed}, planted control:** {record['planted']['note']}.", ""]
         by = record.get("by_checkpoints") or {}
         if len(by) > 1:
             parts = [f"last {n}: r = {a['pearson_r']:.2f}"
