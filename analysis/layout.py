@@ -26,6 +26,8 @@ FULL = "full"
 SFT = "sft"
 CONFIG_FILE = "config.yaml"  # what ``crossling fit`` writes: the resolved, replayable config
 ANALYZE_CONFIG_FILE = "analyze.config.yaml"  # what ``crossling analyze`` writes beside it
+# a run-like folder inside a run whose ``sketches/`` hold sentence representations, not gradient sketches
+REPRESENTATIONS = "representations"
 
 
 def seed_folder_name(seed: int) -> str:

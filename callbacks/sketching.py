@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.layout import REPRESENTATIONS
 from analysis.masks import name_seed
 from lightning_modules.precision import bf16_cost_warning, native_bf16_on
 
@@ -193,7 +194,7 @@ def representation_layer(model: nn.Module) -> tuple[str, nn.Linear]:
 def representation_root(run_dir, options: SketchOptions):
     """Where a sketch pass of these options writes: representations go to ``<run>/representations`` (laid out
     as a run's ``sketches/``), gradient sketches to the run itself."""
-    return Path(run_dir) / "representations" if options.kind == "representation" else Path(run_dir)
+    return Path(run_dir) / REPRESENTATIONS if options.kind == "representation" else Path(run_dir)
 
 
 def sketch_dim(layers: list[tuple[str, nn.Linear]], options: SketchOptions) -> int:

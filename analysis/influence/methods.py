@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
+from ..layout import REPRESENTATIONS
 from ..tracin import tracin_scores
 from .options import METHODS, InfluenceError
 
@@ -89,7 +90,7 @@ def trak_transform(train, tests, damping: float) -> tuple[np.ndarray, float]:
 
 def feature_root(run_dir: Path, method: str) -> Path:
     """The run-like folder whose ``sketches/`` a method ranks: the representations for ``repsim``."""
-    return Path(run_dir) / "representations" if method == "repsim" else Path(run_dir)
+    return Path(run_dir) / REPRESENTATIONS if method == "repsim" else Path(run_dir)
 
 
 def prepare_scores(method: str, tests: Sequence, trains: Sequence, normalization: str,
