@@ -119,6 +119,35 @@ def checkpoint_weights(sketched: Sequence[int], rates: Mapping[int, float],
     return weights
 
 
+def interval_weights(records: Sequence[Mapping]) -> list[float]:
+    """η/B for each of these checkpoints (their metadata, in training order): the sum of the rates of the
+    optimizer steps since the previous listed checkpoint (the first, since training began) over an epoch's
+    examples.
+
+    Each example is visited once per epoch, so an interval of s steps visits about s/S of the epoch's
+    examples, each with the interval's rates: Σ η over the interval / (B · S). For epoch checkpoints this is
+    ``checkpoint_weights``; for checkpoints inside an epoch it splits the epoch's weight among them.
+
+    Args:
+        records: the checkpoints' ``crossling`` metadata, each with ``rate_sum`` (every rate since training
+            began), ``examples_per_step`` and ``epoch_steps`` (recorded since crossling saves checkpoints
+            inside an epoch).
+    """
+    missing = [i for i, r in enumerate(records)
+               if any(r.get(k) is None for k in ("rate_sum", "examples_per_step", "epoch_steps"))]
+    if missing or not records:
+        raise CounterfactualError(f"checkpoint(s) {missing} record no rate_sum / examples_per_step / epoch_steps "
+                                  "(written before crossling recorded them; use checkpoint_weights)")
+    sums = [float(r["rate_sum"]) for r in records]
+    if sums != sorted(sums):
+        raise CounterfactualError(f"checkpoints out of training order (rate sums {sums})")
+    previous, weights = 0.0, []
+    for record, total in zip(records, sums):
+        weights.append((total - previous) / (float(record["examples_per_step"]) * int(record["epoch_steps"])))
+        previous = total
+    return weights
+
+
 def language_mean_gradients(pool: np.ndarray, pool_lang: np.ndarray, n_languages: int, where: str) -> np.ndarray:
     """(L, d) mean sketch of each language's pooled training examples (NaN rows for a language without any)."""
     pool = np.asarray(pool, dtype=np.float64)

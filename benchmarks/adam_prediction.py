@@ -19,6 +19,15 @@ the one the counterfactual stage stored (the same when the run is the one the st
 
 The second form measures a run fitted again (same seed) to record the preconditioner, against an earlier
 run's retraining. Float32, eval mode, as the sketch stage on a CPU without native bfloat16.
+
+``--all-checkpoints`` also reads the checkpoints a fit saved inside epochs
+(``--trainer.checkpoints_within_epoch``), each weighted by the rates of its own interval
+(``interval_weights``), and prints the agreement over the last n checkpoints for every n and over the
+epoch ends alone: whether checkpoints where the model is still learning bring the prediction to
+retraining's size.
+
+    python benchmarks/adam_prediction.py <refit with checkpoints inside epochs> --all-checkpoints \
+        --counterfactual <run>/counterfactual --variants plain
 """
 
 from __future__ import annotations
@@ -43,10 +52,11 @@ from analysis.correlations import correlate  # noqa: E402
 from analysis.counterfactual import (  # noqa: E402
     calibration_slope,
     checkpoint_weights,
+    interval_weights,
     language_mean_gradients,
     removal_prediction,
 )
-from callbacks.checkpoints import load_checkpoint, load_weights  # noqa: E402
+from callbacks.checkpoints import list_all_checkpoints, load_checkpoint, load_weights  # noqa: E402
 from callbacks.preconditioner import mean_fidelity, preconditioner_scales  # noqa: E402
 from callbacks.sketch_plan import train_pool  # noqa: E402
 from callbacks.sketching import Sketcher, SketchOptions  # noqa: E402
@@ -83,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--all-checkpoints", action="store_true",
+                        help="every checkpoint, those inside epochs too, weighted by their own intervals")
+    parser.add_argument("--variants", nargs="+", choices=["plain", "adam"], default=["plain", "adam"])
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     cf_dir = args.counterfactual or args.run / "counterfactual"
@@ -111,38 +124,55 @@ def main(argv: list[str] | None = None) -> None:
     counts = {r: np.bincount(train_lang[np.isin([e.index for e in train_examples],
                                                    leave_out_indices(train_examples, languages, r, dm.seed))],
                              minlength=len(languages)) for r in removed}
-    epochs = [int(label.split("=")[1]) for label, _ in checkpoints]
-    rates, per_step = learning_rates(args.run, len(dm.training_examples()))
-    weights = checkpoint_weights(epochs, rates, per_step)
-    predicted = {"plain": {r: 0.0 for r in removed}, "adam": {r: 0.0 for r in removed}}
-    print(f"{args.run}: checkpoints {epochs}, pool {pool.size}, test {test_index.size}, d = {args.k ** 2}, "
+    if args.all_checkpoints:
+        checkpoints = list_all_checkpoints(args.run)
+        metas = {label: load_checkpoint(path)["crossling"] for label, path in checkpoints}
+
+        def subset_weights(subset: list[str]) -> dict[str, float]:
+            return dict(zip(subset, interval_weights([metas[label] for label in subset])))
+    else:
+        rates, per_step = learning_rates(args.run, len(dm.training_examples()))
+
+        def subset_weights(subset: list[str]) -> dict[str, float]:
+            found = checkpoint_weights([int(label.split("=")[1]) for label in subset], rates, per_step)
+            return {f"epoch={e}": w for e, w in found.items()}
+    labels = [label for label, _ in checkpoints]
+    weights = subset_weights(labels)
+    # per variant and checkpoint: g_test · Σ_ℓ c_ℓ m_ℓ for each removed set, before its weight
+    unweighted: dict[str, dict[str, dict[str, np.ndarray]]] = {name: {} for name in args.variants}
+    print(f"{args.run}: checkpoints {labels}, pool {pool.size}, test {test_index.size}, d = {args.k ** 2}, "
           f"removed {removed}")
-    for epoch, (_, path) in zip(epochs, checkpoints):
+    for label, path in checkpoints:
         load_weights(module, path)
         module.eval()
-        record = load_checkpoint(path).get("adam")
         plain = Sketcher(module.model, options)
-        try:
-            scales = preconditioner_scales(record, plain.names)
-        except ValueError as err:
-            raise SystemExit(f"{path}: {err}") from None
-        print(f"  epoch {epoch}: Adam step {record['step']}, rank-one fidelity (mean cosine over "
-              f"{len(plain.names)} layers) {mean_fidelity(record, plain.names):.3f}", flush=True)
-        for name, sketcher in (("plain", plain), ("adam", Sketcher(module.model, options, scales=scales))):
+        sketchers = {"plain": plain}
+        if "adam" in args.variants:
+            record = load_checkpoint(path).get("adam")
+            try:
+                scales = preconditioner_scales(record, plain.names)
+            except ValueError as err:
+                raise SystemExit(f"{path}: {err}") from None
+            print(f"  {label}: Adam step {record['step']}, rank-one fidelity (mean cosine over "
+                  f"{len(plain.names)} layers) {mean_fidelity(record, plain.names):.3f}", flush=True)
+            sketchers["adam"] = Sketcher(module.model, options, scales=scales)
+        for name in args.variants:
             start = time.perf_counter()
-            train = sketch_rows(sketcher, module, dm, "train", pool, args.batch_size)
-            test = sketch_rows(sketcher, module, dm, "test", test_index, args.batch_size)
+            train = sketch_rows(sketchers[name], module, dm, "train", pool, args.batch_size)
+            test = sketch_rows(sketchers[name], module, dm, "test", test_index, args.batch_size)
             means = language_mean_gradients(train, pool_lang, len(languages), str(path))
-            for r in removed:
-                predicted[name][r] = predicted[name][r] + removal_prediction(test, means, counts[r], weights[epoch])
-            print(f"    {name}: {pool.size + test_index.size} sketches in {time.perf_counter() - start:.0f} s",
-                  flush=True)
+            unweighted[name][label] = {r: removal_prediction(test, means, counts[r], 1.0) for r in removed}
+            print(f"    {label} {name}: {pool.size + test_index.size} sketches in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+    predicted = {name: {r: sum(weights[label] * by[label][r] for label in labels) for r in removed}
+                 for name, by in unweighted.items()}
     retrained = cell_grid({r: effects[f"retrained_{r}"] for r in removed}, test_lang, removed, len(languages))
-    stored = {r: effects[f"predicted_{r}"] for r in removed}
-    gap = max(float(np.abs(predicted["plain"][r] - stored[r]).max()) for r in removed)
-    scale = max(float(np.abs(stored[r]).max()) for r in removed)
-    print(f"\nplain vs the counterfactual stage's stored prediction: largest difference {gap:.2e} "
-          f"(largest value {scale:.2e})")
+    if "plain" in predicted and not args.all_checkpoints:
+        stored = {r: effects[f"predicted_{r}"] for r in removed}
+        gap = max(float(np.abs(predicted["plain"][r] - stored[r]).max()) for r in removed)
+        scale = max(float(np.abs(stored[r]).max()) for r in removed)
+        print(f"\nplain vs the counterfactual stage's stored prediction: largest difference {gap:.2e} "
+              f"(largest value {scale:.2e})")
     print(f"\n{'cells: test language x removed set':<36}" + "".join(f"{f'without {r}':>16}" for r in removed))
     for t, lang in enumerate(languages):
         print(f"  retrained  {lang:<24}" + "".join(f"{v:>+16.4f}" for v in retrained[t]))
@@ -165,6 +195,32 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name:<6} {grid[t, c]:+.5f}: rank {rank}/{len(languages)} in its column, "
                   f"{grid[t, c] / grid[t, rc]:.2f} x the random control, "
                   f"{grid[t, c] / retrained[t, c]:.4f} x retraining")
+    if len(labels) > 1:
+        print_subsets(unweighted, subset_weights, labels, retrained, test_lang, removed, languages, plant)
+
+
+def print_subsets(unweighted, subset_weights, labels, retrained, test_lang, removed, languages, plant) -> None:
+    """Agreement with retraining over the last n checkpoints for each n, and over the epoch ends alone,
+    each checkpoint weighted by the interval it stands for within that subset."""
+    subsets = {f"last {n}": labels[-n:] for n in range(1, len(labels) + 1)}
+    ends = [label for label in labels if "-step=" not in label]
+    if ends != labels:
+        subsets["epoch ends"] = ends
+    planted = plant is not None and plant.language in removed and "random" in removed
+    print(f"\n{'checkpoints':<24}{'variant':<8}{'Pearson r':>10}{'slope':>9}{'size':>8}"
+          + (f"{'planted x retraining':>22}{'x control':>11}" if planted else ""))
+    for title, subset in subsets.items():
+        w = subset_weights(subset)
+        for name, by in unweighted.items():
+            grid = cell_grid({r: sum(w[label] * by[label][r] for label in subset) for r in removed},
+                             test_lang, removed, len(languages))
+            row = (f"{title:<24}{name:<8}{correlate(grid.ravel(), retrained.ravel()).pearson_r:>+10.3f}"
+                   f"{calibration_slope(grid.ravel(), retrained.ravel()):>9.4f}"
+                   f"{np.abs(grid).sum() / np.abs(retrained).sum():>8.4f}")
+            if planted:
+                t, c, rc = languages.index(plant.language), removed.index(plant.language), removed.index("random")
+                row += f"{grid[t, c] / retrained[t, c]:>22.4f}{grid[t, c] / grid[t, rc]:>11.2f}"
+            print(row)
 
 
 if __name__ == "__main__":

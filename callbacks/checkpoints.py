@@ -1,5 +1,8 @@
 """Per-epoch, weights-only checkpoints (``checkpoints/epoch=<E>.ckpt``), the input of every
-later stage, plus ``last.ckpt`` (full trainer state) so an interrupted fit can resume. A fit that ends
+later stage, plus ``last.ckpt`` (full trainer state) so an interrupted fit can resume. Optionally also
+checkpoints inside an epoch (``checkpoints/epoch=<E>-step=<S>.ckpt``, S the optimizer steps taken), for a
+prediction over the part of training where learning happens; stages that read "the run's checkpoints"
+read the epoch ones only (``list_checkpoints``), ``list_all_checkpoints`` reads both. A fit that ends
 removes ``last.ckpt`` (two thirds of a run's checkpoint bytes are its optimizer state, which nothing
 after the fit reads) unless asked to keep it.
 
@@ -10,6 +13,7 @@ half-written checkpoint that a later stage would trust.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import re
@@ -24,6 +28,7 @@ from callbacks.preconditioner import factor_adam_preconditioner
 
 FORMAT = 1
 _EPOCH = re.compile(r"^epoch=(\d+)\.ckpt$")
+_ANY = re.compile(r"^epoch=(\d+)(?:-step=(\d+))?\.ckpt$")
 
 
 class CheckpointError(ValueError):
@@ -46,33 +51,51 @@ def adam_record(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict | No
 
 
 class EpochCheckpoint(pl.Callback):
-    """Save ``<run dir>/checkpoints/epoch=<E>.ckpt`` after each training epoch (validation included).
+    """Save ``<run dir>/checkpoints/epoch=<E>.ckpt`` after each training epoch (validation included), and
+    ``epoch=<E>-step=<S>.ckpt`` at the positions ``within_epoch`` names.
 
-    Each records the epoch's mean learning rate and examples per optimizer step: TracIn weighs a
-    checkpoint's gradient products by the step size taken around it, and the counterfactual check turns
-    them into a predicted change of loss (``analysis/counterfactual.py``).
+    Each records the mean learning rate and examples per optimizer step of its epoch so far, and the sum of
+    every rate used since training began (``rate_sum``): TracIn weighs a checkpoint's gradient products by
+    the step size taken around it, and the counterfactual check turns them into a predicted change of loss
+    (``analysis/counterfactual.py``; ``interval_weights`` for any subset of checkpoints).
+
+    Args:
+        within_epoch: positions in epochs (1.25 = a quarter into the second epoch) at which to save a checkpoint
+            as well; whole numbers are the epoch ends, saved anyway. Denser early where a shortcut is learned
+            fast, e.g. ``[0.1, 0.25, 0.5, 1.5]``. Saving changes nothing the model learns.
     """
 
-    def __init__(self, save_last: bool = True, keep_last: bool = False):
+    def __init__(self, save_last: bool = True, keep_last: bool = False, within_epoch: list[float] | None = None):
+        positions = sorted({float(p) for p in within_epoch or []})
+        bad = [p for p in positions if not math.isfinite(p) or p <= 0 or p == int(p)]
+        if bad:
+            raise ValueError(f"trainer.checkpoints_within_epoch: expected positions inside an epoch (positive, not "
+                             f"whole: epoch ends are saved anyway, e.g. 0.25 or 1.5), found {bad}")
         self.save_last = save_last
         self.keep_last = keep_last
+        self.within_epoch = positions
         self._rates: list[float] = []
         self._examples = 0
+        self._rate_sum = 0.0  # every rate used since training began, kept across a resume
         self._resume_rng: dict | None = None
+        self._resume_rate_sum: float | None = None
 
     # A fit resumed from last.ckpt must draw the dropout masks the uninterrupted fit drew, or every later
     # stage differs. Lightning's checkpoint holds no RNG state: last.ckpt carries the one at the epoch's end,
     # put back when training starts again (the point an uninterrupted fit goes on from).
     def state_dict(self) -> dict:
-        return {"rng": collect_rng_states()}
+        return {"rng": collect_rng_states(), "rate_sum": self._rate_sum}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_rng = state_dict.get("rng")
+        self._resume_rate_sum = state_dict.get("rate_sum")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._resume_rng is not None:
             restore_rng_states(self._resume_rng)
             self._resume_rng = None
+        self._rate_sum = self._resume_rate_sum or 0.0
+        self._resume_rate_sum = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rates, self._examples = [], 0
@@ -82,7 +105,56 @@ class EpochCheckpoint(pl.Callback):
             self._examples += int(len(batch["labels"])) * trainer.world_size
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        self._rates.append(float(optimizer.param_groups[0]["lr"]))  # the rate this step uses
+        rate = float(optimizer.param_groups[0]["lr"])  # the rate this step uses
+        self._rates.append(rate)
+        self._rate_sum += rate
+
+    def epoch_steps(self, trainer: pl.Trainer) -> int:
+        """Optimizer steps per epoch (the last, partial accumulation steps too)."""
+        return math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))
+
+    def within_epoch_steps(self, trainer: pl.Trainer) -> set[int]:
+        """The global steps (optimizer steps taken) after which ``within_epoch`` saves."""
+        per_epoch = self.epoch_steps(trainer)
+        steps = set()
+        for position in self.within_epoch:
+            epoch = int(position)
+            inside = round((position - epoch) * per_epoch)
+            if 0 < inside < per_epoch:  # a position that rounds onto an epoch end is that end's checkpoint
+                steps.add(epoch * per_epoch + inside)
+        return steps
+
+    def payload(self, trainer: pl.Trainer, pl_module: pl.LightningModule, within_epoch: bool) -> dict:
+        steps = len(self._rates)
+        return {
+            "crossling": {
+                "format": FORMAT,
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "within_epoch": within_epoch,
+                "learning_rate": sum(self._rates) / steps if steps else None,
+                "optimizer_steps": steps,
+                "examples_per_step": self._examples / steps if steps else None,
+                "rate_sum": self._rate_sum,
+                "epoch_steps": self.epoch_steps(trainer),
+                # constructor arguments only (LightningCLI adds "_instantiator"), so that
+                # ``type(module)(**hparams)`` rebuilds the model
+                "hparams": {k: v for k, v in pl_module.hparams.items() if not k.startswith("_")},
+            },
+            "state_dict": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+            # Adam's preconditioner, factored per linear layer (tensors: kept out of the plain metadata above)
+            "adam": adam_record(trainer, pl_module),
+        }
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if not self.within_epoch or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        name = f"epoch={trainer.current_epoch}-step={step}.ckpt"
+        directory = Path(trainer.default_root_dir) / "checkpoints"
+        # with gradient accumulation several batches end on one step: the first that reaches it saves
+        if step in self.within_epoch_steps(trainer) and not (directory / name).is_file():
+            atomic_torch_save(self.payload(trainer, pl_module, within_epoch=True), directory / name)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -90,23 +162,7 @@ class EpochCheckpoint(pl.Callback):
         directory = Path(trainer.default_root_dir) / "checkpoints"
         epoch = trainer.current_epoch
         if trainer.is_global_zero:
-            payload = {
-                "crossling": {
-                    "format": FORMAT,
-                    "epoch": epoch,
-                    "global_step": trainer.global_step,
-                    "learning_rate": sum(self._rates) / len(self._rates) if self._rates else None,
-                    "optimizer_steps": len(self._rates),
-                    "examples_per_step": self._examples / len(self._rates) if self._rates else None,
-                    # constructor arguments only (LightningCLI adds "_instantiator"), so that
-                    # ``type(module)(**hparams)`` rebuilds the model
-                    "hparams": {k: v for k, v in pl_module.hparams.items() if not k.startswith("_")},
-                },
-                "state_dict": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
-                # Adam's preconditioner, factored per linear layer (tensors: kept out of the plain metadata above)
-                "adam": adam_record(trainer, pl_module),
-            }
-            atomic_torch_save(payload, directory / f"epoch={epoch}.ckpt")
+            atomic_torch_save(self.payload(trainer, pl_module, within_epoch=False), directory / f"epoch={epoch}.ckpt")
         if self.save_last:
             # all ranks take part; Lightning writes on rank zero only
             tmp = directory / "last.ckpt.tmp"
@@ -157,6 +213,17 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         if m := _EPOCH.match(path.name):
             found.append((int(m.group(1)), path))
     return sorted(found)
+
+
+def list_all_checkpoints(run_dir: str | Path) -> list[tuple[str, Path]]:
+    """Every checkpoint of the run, those inside an epoch too, as (name without ``.ckpt``, path), in
+    training order."""
+    found = []
+    for path in (Path(run_dir) / "checkpoints").glob("epoch=*.ckpt"):
+        if m := _ANY.match(path.name):
+            epoch, step = int(m.group(1)), m.group(2)
+            found.append(((epoch, math.inf if step is None else int(step)), path.name[: -len(".ckpt")], path))
+    return [(name, path) for _, name, path in sorted(found)]
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -68,6 +68,10 @@ class CrosslingTrainer(Trainer):
             the device multiplies bfloat16 natively (CUDA of compute capability 8+, CPUs with AVX-512 BF16 or
             AMX), ``32-true`` elsewhere (``lightning_modules/precision.py``). The run's ``config.yaml``
             records what it resolved to, and the log says why.
+        checkpoints_within_epoch: also save checkpoints at these positions inside epochs (0.25 = a quarter
+            into the first), ``checkpoints/epoch=<E>-step=<S>.ckpt``, for the counterfactual prediction over
+            the part of training where learning happens (``benchmarks/adam_prediction.py``); training is
+            unchanged.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class CrosslingTrainer(Trainer):
         wandb_project: str = "crossling",
         wandb_mode: Literal["offline", "online"] = "offline",
         keep_last_checkpoint: bool = False,
+        checkpoints_within_epoch: list[float] | None = None,
         **kwargs,
     ):
         # crossling's own samplers shard by rank; its EpochCheckpoint replaces ModelCheckpoint
@@ -97,7 +102,7 @@ class CrosslingTrainer(Trainer):
             kwargs["logger"] = loggers
         callbacks = list(kwargs.get("callbacks") or [])
         if not any(isinstance(c, EpochCheckpoint) for c in callbacks):
-            callbacks.append(EpochCheckpoint(keep_last=keep_last_checkpoint))
+            callbacks.append(EpochCheckpoint(keep_last=keep_last_checkpoint, within_epoch=checkpoints_within_epoch))
         kwargs["callbacks"] = callbacks
         self.precision_choice: PrecisionChoice = resolve_trainer_precision(
             precision, accelerator_device_type(kwargs.get("accelerator", "auto"))

@@ -276,6 +276,27 @@ class DieAtEpoch(pl.Callback):
             os._exit(137)
 
 
+class WeightsAtStep(pl.Callback):
+    """Save the module's weights, and every learning rate used so far, after optimizer step ``step``
+    (``<path>``, a torch file): the reference a checkpoint saved inside an epoch is compared with.
+
+    Args:
+        step: the global step (optimizer steps taken) after which to save.
+        path: where.
+    """
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path, self.rates = step, path, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.rates.append(float(optimizer.param_groups[0]["lr"]))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not Path(self.path).exists():
+            state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            torch.save({"state_dict": state, "rates": list(self.rates)}, self.path)
+
+
 # The counterfactual and planted suites' tiny study: the tiny random model on three languages, a few
 # batches per epoch, two epochs (so that two checkpoints exist), no progress bars.
 TINY_STUDY_OVERRIDES = [

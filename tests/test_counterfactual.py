@@ -27,13 +27,20 @@ from analysis.counterfactual import (
     describe_agreement,
     dev_did_not_learn,
     did_not_learn,
+    interval_weights,
     load_test_losses,
     measure_agreement,
     noise_floor,
     sign_chance,
 )
 from analysis.counterfactual_report import load_effects, write_effects
-from callbacks.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
+from callbacks.checkpoints import (
+    CheckpointError,
+    EpochCheckpoint,
+    list_all_checkpoints,
+    list_checkpoints,
+    load_checkpoint,
+)
 from datamodules import DataError
 from tests.helpers import REPO, TINY_STUDY_OVERRIDES, small_pawsx_datamodule
 
@@ -130,6 +137,50 @@ def test_checkpoints_record_each_epochs_mean_learning_rate_and_batch(tmp_path):
         meta = load_checkpoint(path)["crossling"]
         assert rates[epoch] == pytest.approx(meta["learning_rate"], rel=1e-12)
         assert per_step[epoch] == pytest.approx(meta["examples_per_step"])
+
+
+def test_checkpoints_inside_an_epoch_hold_that_steps_weights_and_change_nothing_learned(tmp_path):
+    """Positions 0.5 and 1.3 of 10-step epochs save after steps 5 and 13 the weights an independent callback
+    saw there, with the sum of every rate used so far; the epoch checkpoints equal a fit without them."""
+    args = ("--model.learning_rate=0.002", "--model.warmup_ratio=0.25")
+    fit_tiny(tmp_path / "plain", *args)
+    fit_tiny(tmp_path / "dense", *args, "--trainer.checkpoints_within_epoch=[0.5, 1.3]",
+             "--trainer.callbacks+=tests.helpers.WeightsAtStep", "--trainer.callbacks.step=13",
+             f"--trainer.callbacks.path={tmp_path / 'step13.pt'}")
+    found = list_all_checkpoints(tmp_path / "dense")
+    assert [name for name, _ in found] == ["epoch=0-step=5", "epoch=0", "epoch=1-step=13", "epoch=1", "epoch=2"]
+    assert [e for e, _ in list_checkpoints(tmp_path / "dense")] == [0, 1, 2]  # the stages' view is unchanged
+    for (_, a), (_, b) in zip(list_checkpoints(tmp_path / "plain"), list_checkpoints(tmp_path / "dense")):
+        sa, sb = load_checkpoint(a)["state_dict"], load_checkpoint(b)["state_dict"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    reference = torch.load(tmp_path / "step13.pt")
+    saved = load_checkpoint(dict(found)["epoch=1-step=13"])
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in reference["state_dict"].items())
+    total, warmup = 30, int(0.25 * 30)
+    assert reference["rates"] == pytest.approx([0.002 * schedule_factor(s, total, warmup) for s in range(13)])
+    assert saved["crossling"]["rate_sum"] == pytest.approx(sum(reference["rates"]), rel=1e-12)
+    assert saved["crossling"]["global_step"] == 13 and saved["crossling"]["epoch_steps"] == 10
+    with pytest.raises(ValueError, match="checkpoints_within_epoch: expected positions inside an epoch"):
+        EpochCheckpoint(within_epoch=[0.5, 2.0])
+
+
+def test_interval_weights_split_an_epochs_weight_among_its_checkpoints():
+    """For epoch checkpoints the same as ``checkpoint_weights``; each interval's weight is its steps' rates
+    over an epoch's examples, so the weights of any subset add up to the same total."""
+    rates = [0.1 * (s + 1) for s in range(20)]  # 2 epochs of 10 steps, batch 4: 40 examples an epoch
+    def record(step):
+        return {"rate_sum": sum(rates[:step]), "examples_per_step": 4.0, "epoch_steps": 10}
+    ends = interval_weights([record(10), record(20)])
+    means = {e: float(np.mean(rates[10 * e:10 * e + 10])) for e in (0, 1)}
+    assert ends == pytest.approx(list(checkpoint_weights([0, 1], means, {0: 4.0, 1: 4.0}).values()))
+    dense = interval_weights([record(3), record(10), record(15), record(20)])
+    assert dense == pytest.approx([sum(rates[0:3]) / 40, sum(rates[3:10]) / 40, sum(rates[10:15]) / 40,
+                                   sum(rates[15:20]) / 40])
+    assert sum(dense) == pytest.approx(sum(ends)) == pytest.approx(sum(interval_weights([record(20)])))
+    with pytest.raises(CounterfactualError, match="out of training order"):
+        interval_weights([record(15), record(10)])
+    with pytest.raises(CounterfactualError, match="record no rate_sum"):
+        interval_weights([{"learning_rate": 0.1}])
 
 
 def test_a_sketched_checkpoint_weighs_the_epochs_it_stands_for():
@@ -270,7 +321,8 @@ def tiny_study(tmp_path_factory):
         "sft": str(REPO / "configs/demo/pawsx-sft.yaml"), "analyze": str(tmp / "analyze.yaml"),
         "random_seeds": [0], "natural_conditions": ["full"], "fidelity_seeds": [0], "seeds": [0],
         "counterfactual": LEFT_OUT, "counterfactual_refits": [5],
-        "overrides": TINY_STUDY_OVERRIDES,
+        # a checkpoint inside each epoch, for the prediction over them (benchmarks/adam_prediction.py)
+        "overrides": [*TINY_STUDY_OVERRIDES, "--trainer.checkpoints_within_epoch=[0.5, 1.5]"],
     }
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -630,3 +682,15 @@ def test_adam_prediction_benchmark_reads_the_preconditioner_each_checkpoint_reco
     assert all(np.isfinite(float(v)) for _, *values in rows for v in values)
     predicted_from = json.loads((root / "full/counterfactual/counterfactual.json").read_text())["prediction"]["epochs"]
     assert result.stdout.count("rank-one fidelity") == len(predicted_from)  # the checkpoints the stage used
+    # every checkpoint, those inside epochs too: the last one alone stands for all of training, as the
+    # epoch checkpoint the stage predicted from does, so its agreement is the same
+    assert predicted_from == [1]
+    dense = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/adam_prediction.py"), str(root / "full"), "--k", "6", "--pairs", "1",
+         "--train-per-language", "10", "--all-checkpoints", "--variants", "plain"],
+        capture_output=True, text=True, env=cli_env(), timeout=600,
+    )
+    assert dense.returncode == 0, dense.stderr[-2000:]
+    subsets = dict(re.findall(r"^(last \d|epoch ends) +plain +([+-]\d\.\d+ +-?\d+\.\d+ +\d+\.\d+)", dense.stdout, re.M))
+    assert sorted(subsets) == ["epoch ends", "last 1", "last 2", "last 3", "last 4"], dense.stdout
+    assert subsets["last 1"].split() == list(rows[0][1:]), (subsets, rows)

@@ -61,9 +61,9 @@ from .request import AnalyzeRequest
 
 OUT = "counterfactual"
 # keys a leave-out fit may differ in from the run it is compared with: its folder, what it leaves out, and
-# whether it keeps the full fit's order of the rest
+# whether it keeps the full fit's order of the rest, which checkpoints inside an epoch it saves
 FREE_KEYS = {("trainer", "default_root_dir"), ("data", "init_args", "leave_out"),
-             ("data", "init_args", "coupled_order"), ("ckpt_path",)}
+             ("data", "init_args", "coupled_order"), ("ckpt_path",), ("trainer", "checkpoints_within_epoch")}
 
 
 @dataclass
