@@ -51,6 +51,9 @@ class PlantedRetrieval:
         top_m_share_marked / top_m_share_unmarked: the planted language's share of the top-m training items
             of its marked and of its unmarked test items: the in-language share the report draws, split by
             whether the test item carries the marker (an unplanted run is the unmarked items' level).
+        ap_p: one-sided permutation p of the marked test items' mean average precision exceeding the unmarked
+            ones' (marker labels shuffled among the planted language's test items): whether the ranking finds
+            the marked training items because of the marker, with the few marked items a small share gives.
     """
 
     mean_ap: float
@@ -62,9 +65,27 @@ class PlantedRetrieval:
     m: int | None = None
     top_m_share_marked: float = float("nan")
     top_m_share_unmarked: float = float("nan")
+    ap_p: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def permutation_p_greater(first: Sequence[float], second: Sequence[float], n_resamples: int = 10_000,
+                          seed: int = 0) -> float:
+    """One-sided permutation p of mean(first) − mean(second) being as large as observed when the two
+    groups' labels are shuffled: (1 + permutations at least as large) / (1 + n_resamples). NaN when a group
+    is empty."""
+    first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    if not first.size or not second.size:
+        return float("nan")
+    values = np.concatenate([first, second])
+    observed = first.mean() - second.mean()
+    rng = np.random.default_rng(seed)
+    draws = np.argsort(rng.random((n_resamples, values.size)), axis=1)[:, : first.size]
+    picked = values[draws].sum(axis=1)
+    differences = picked / first.size - (values.sum() - picked) / second.size
+    return float((1 + np.sum(differences >= observed - 1e-12)) / (1 + n_resamples))
 
 
 def planted_retrieval(scores: np.ndarray, pool_marked: np.ndarray, test_marked: np.ndarray,
@@ -88,7 +109,7 @@ def planted_retrieval(scores: np.ndarray, pool_marked: np.ndarray, test_marked: 
         chance=float(pool_marked.mean()) if pool_marked.size else float("nan"),
         n_test=len(marked), n_pool=int(pool_marked.size), n_marked_pool=int(pool_marked.sum()),
         unmarked_mean_ap=float(np.mean(unmarked)) if unmarked else float("nan"),
-        m=m if shares else None, **shares,
+        m=m if shares else None, **shares, ap_p=permutation_p_greater(marked, unmarked),
     )
 
 
@@ -161,7 +182,7 @@ def describe_planted(language: str, fraction: float, retrained: PlantedCell, pre
         text += (f"; for the {retrieval.n_test} marked test items, TracIn's ranking finds the "
                  f"{retrieval.n_marked_pool} marked items of the {retrieval.n_pool}-item pool with average precision "
                  f"{retrieval.mean_ap:.2f} (a random ranking: {retrieval.chance:.2f}; {language}'s unmarked test "
-                 f"items: {retrieval.unmarked_mean_ap:.2f})")
+                 f"items: {retrieval.unmarked_mean_ap:.2f}{p_clause(retrieval.ap_p)})")
         if retrieval.m:
             text += (f"; {language}'s share of their top {retrieval.m} is {100 * retrieval.top_m_share_marked:.1f} % "
                      f"against {100 * retrieval.top_m_share_unmarked:.1f} % for {language}'s unmarked test items")
@@ -172,6 +193,10 @@ def describe_planted(language: str, fraction: float, retrained: PlantedCell, pre
                 text += (f", {language}'s top-{found.m} share {100 * found.top_m_share_marked:.1f} % against "
                          f"{100 * found.top_m_share_unmarked:.1f} %")
     return text + "."
+
+
+def p_clause(p: float) -> str:
+    return f", permutation p = {p:.3f}" if np.isfinite(p) else ""
 
 
 def method_rows(retrieval: Mapping | None, by_method: Mapping[str, Mapping] | None) -> list[dict]:
@@ -186,7 +211,8 @@ def method_rows(retrieval: Mapping | None, by_method: Mapping[str, Mapping] | No
         row = {"method": METHOD_NAMES.get(method, method),
                "AUPRC, marked test items": f"{r['mean_ap']:.3f}",
                "a random ranking": f"{r['chance']:.3f}",
-               "unmarked test items": f"{r['unmarked_mean_ap']:.3f}"}
+               "unmarked test items": f"{r['unmarked_mean_ap']:.3f}",
+               "p, marked > unmarked": f"{r['ap_p']:.3f}" if np.isfinite(r.get("ap_p", float("nan"))) else "–"}
         if r.get("m"):
             row[f"top-{r['m']} share, marked / unmarked"] = \
                 f"{100 * r['top_m_share_marked']:.1f} % / {100 * r['top_m_share_unmarked']:.1f} %"

@@ -21,6 +21,7 @@ from .influence.options import MissingInputs
 from .layout import (
     ANALYZE_CONFIG_FILE,
     FULL,
+    STUDY_RECORDS,
     config_value,
     read_run_config,
     sft_random_name,
@@ -79,7 +80,7 @@ class PooledFinding:
         return self.effect.marked(self.margin)
 
 
-SEED_PROGRESS = Path(".study") / "seeds.json"  # written by the study runner as each seed's chain finishes
+SEED_PROGRESS = Path(STUDY_RECORDS) / "seeds.json"  # written by the study runner as each seed's chain finishes
 
 
 def seed_progress(root: Path) -> tuple[list[int], list[int]] | None:

@@ -18,6 +18,7 @@ from markdown_it import MarkdownIt
 from .atomic import save_figure
 from .atomic import write_text_atomic as _write
 from .counterfactual_report import counterfactual_section
+from .detection_limit import detection_section
 from .layout import FULL, SFT, sft_random_runs
 from .report.render import MAX_TABLE_ROWS, markdown_table, read_csv
 from .study_findings import study_findings
@@ -167,6 +168,7 @@ def write_study_report(root: Path) -> Path:
         if findings:
             md += ["## What this study found", "", *(f"- {f}" for f in findings), ""]
     md += counterfactual_section(roots or {0: root}, out / "counterfactual")
+    md += detection_section(root, out / "detection_limit")
     md += ["```", study_summary(root, findings), "```", ""]
     for seed, path in (roots.items() if several else [(None, first)]):
         label = f"Seed {seed} per-run reports: " if several else "Per-run reports: "

@@ -66,6 +66,9 @@ class StudyConfig:
         counterfactual_coupled: leave-out fits read their examples in the full fine-tuning's order with the
             left-out ones deleted (``data.init_args.coupled_order``), instead of a fresh shuffle of the rest.
         summary_split: the split whose majority-class rate the summary compares with dev accuracy.
+        detection_limit: planted study configs (this one too, if planted) that differ only in the share
+            planted: the front page reports, from those that have run, the smallest share each measure still
+            detects (docs/study.md, "The detection limit"); None: no such section.
     """
 
     root: str = "runs/study"
@@ -83,6 +86,7 @@ class StudyConfig:
     counterfactual_seeds: list[int] | None = None
     counterfactual_refits: list[int] | None = None
     counterfactual_coupled: bool = False
+    detection_limit: list[str] | None = None
 
 
 @dataclass
@@ -162,7 +166,22 @@ def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
     check_config_files(cfg, path)
     check_seeds(cfg, path)
     check_counterfactual_languages(cfg, path)
+    check_detection_limit(cfg, path)
     return cfg, path.parent
+
+
+def check_detection_limit(cfg: StudyConfig, path: Path) -> None:
+    """The planted sweep is a non-empty list of study config files that exist."""
+    names = cfg.detection_limit
+    if names is None:
+        return
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise StudyConfigError(f"{path}: key 'detection_limit': expected a non-empty list of planted study configs, "
+                               f"found {names!r}")
+    missing = [n for n in names if not (path.parent / n).is_file()]
+    if missing:
+        raise StudyConfigError(f"{path}: key 'detection_limit': study config(s) {missing} not found "
+                               f"(relative to {path.parent})")
 
 
 def check_counterfactual_languages(cfg: StudyConfig, path: Path) -> None:
@@ -433,6 +452,21 @@ def estimate_seconds_left(remaining: list[Stage], durations: dict[str, list[floa
     )
 
 
+def record_detection_sweep(cfg: StudyConfig, base: Path, root: Path) -> None:
+    """Write ``<root>/.study/detection_limit.json``: the roots of the planted studies the front page's
+    detection limit reads, with their configs (how to run one that has not run)."""
+    path = root / layout.STUDY_RECORDS / layout.DETECTION_SWEEP
+    if not cfg.detection_limit:
+        path.unlink(missing_ok=True)
+        return
+    studies = []
+    for name in cfg.detection_limit:
+        config = (base / name).resolve()
+        other, _ = load_study_config(config)
+        studies.append({"config": str(config), "root": str(Path(other.root).expanduser().resolve())})
+    _write_json(path, {"studies": studies})
+
+
 def run_study(config: str, from_stage: str | None = None, only: list[str] | None = None) -> Path:
     """Run (or resume) every stage, each in its own process (``stage_process.py``); returns the study root."""
     from .stage_process import run_stage_process
@@ -443,7 +477,8 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
         raise StudyConfigError(f"--from {from_stage!r}: expected one of {names}")
-    markers = root / ".study"
+    markers = root / layout.STUDY_RECORDS
+    record_detection_sweep(cfg, base, root)
     fingerprints: dict[str, str] = {}
     force = False
     started = time.monotonic()
@@ -581,7 +616,12 @@ def report_main(argv: list[str]) -> None:
     where.add_argument("root", nargs="?", help="the study's root folder (its config's root:)")
     where.add_argument("--config", help="the study config (its root: is used)")
     args = parser.parse_args(argv)
-    root = Path(load_study_config(args.config)[0].root if args.config else args.root).expanduser().resolve()
+    if args.config:
+        cfg, base = load_study_config(args.config)
+        root = Path(cfg.root).expanduser().resolve()
+        record_detection_sweep(cfg, base, root)
+    else:
+        root = Path(args.root).expanduser().resolve()
     if not root.is_dir() or not any(root.glob("**/report/items.json")):
         raise FileNotFoundError(
             f"{root}: no run report of a study found (expected <run>/report/items.json under it); "

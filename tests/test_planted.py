@@ -3,13 +3,22 @@ and the verdicts on it (analysis/planted.py), each against an explicit reference
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from helpers import TINY_STUDY_OVERRIDES, cpu_trainer, small_pawsx_datamodule
 
 from analysis.counterfactual import CONTROL, SeedCounterfactual, counterfactual_matrix
 from analysis.counterfactual_report import measure_planted
-from analysis.planted import PlantedInputs, PlantedRetrieval, average_precision, planted_retrieval, rank_of
+from analysis.planted import (
+    PlantedInputs,
+    PlantedRetrieval,
+    average_precision,
+    permutation_p_greater,
+    planted_retrieval,
+    rank_of,
+)
 from datamodules import DataError
 from datamodules.planting import PlantOptions, check_markers_tokenize
 
@@ -186,6 +195,31 @@ def test_the_top_m_share_of_the_planted_language_is_split_by_marked_and_unmarked
     assert np.isnan(planted_retrieval(scores, pool_lang, test_marked, in_language).top_m_share_marked)
 
 
+def test_the_permutation_p_of_marked_over_unmarked_matches_exact_enumeration():
+    """Every way of choosing which 3 of 8 items are 'marked', counted exactly, against the sampled p."""
+    rng = np.random.default_rng(4)
+    values = rng.random(8)
+    for first in ([0, 1, 2], [5, 6, 7], [0, 3, 6]):
+        second = [i for i in range(8) if i not in first]
+        observed = values[first].mean() - values[second].mean()
+        exact = np.mean([values[list(c)].mean() - np.delete(values, list(c)).mean() >= observed - 1e-12
+                         for c in itertools.combinations(range(8), 3)])
+        sampled = permutation_p_greater(values[first], values[second], n_resamples=40_000, seed=1)
+        assert sampled == pytest.approx(exact, abs=4 * np.sqrt(exact * (1 - exact) / 40_000) + 1e-4)
+    assert np.isnan(permutation_p_greater([], [1.0, 2.0]))
+
+
+def test_marked_items_found_because_of_the_marker_get_a_small_permutation_p():
+    rng = np.random.default_rng(6)
+    pool_marked = rng.random(60) < 0.2
+    test_marked = np.arange(30) < 10
+    found = rng.normal(size=(30, 60)) + 3.0 * (test_marked[:, None] & pool_marked[None, :])
+    blind = rng.normal(size=(30, 60))
+    in_language = np.ones(30, dtype=bool)
+    assert planted_retrieval(found, pool_marked, test_marked, in_language).ap_p < 0.01
+    assert planted_retrieval(blind, pool_marked, test_marked, in_language).ap_p > 0.05
+
+
 def test_rank_counts_the_strictly_larger_cells():
     assert rank_of(3.0, [1.0, 3.0, 5.0, float("nan")]) == 2
     assert rank_of(5.0, [1.0, 3.0, 5.0]) == 1
@@ -347,7 +381,7 @@ def test_the_front_page_sets_each_methods_retrieval_beside_a_random_rankings(tmp
     assert "which attribution finds the planted items** (50 marked test items; 36 of the 750" in text
     rows = [line for line in text.splitlines() if line.startswith("| TracIn") or line.startswith("| TRAK")]
     assert len(rows) == 2
-    assert [c.strip() for c in rows[1].split("|")[1:-1]] == ["TRAK's kernel", "0.287", "0.048", "0.061",
+    assert [c.strip() for c in rows[1].split("|")[1:-1]] == ["TRAK's kernel", "0.287", "0.048", "0.061", "–",
                                                              "40.3 % / 24.2 %"]
     record["planted"]["retrieval_by_method"] = {}
     (folder / "counterfactual.json").write_text(json.dumps(record))

@@ -44,7 +44,7 @@ from analysis.counterfactual_report import (
 )
 from analysis.influence.methods import feature_root, score_matrix
 from analysis.influence.options import METHODS
-from analysis.layout import CONFIG_FILE, read_run_config, refit_run_name, removed_run_name
+from analysis.layout import CONFIG_FILE, COUNTERFACTUAL, read_run_config, refit_run_name, removed_run_name
 from analysis.planted import PlantedInputs, planted_retrieval
 from analysis.sketch_store import check_compatible, list_epochs, read_sketch
 from callbacks.checkpoints import (
@@ -59,7 +59,7 @@ from datamodules.base import leave_out_indices
 from ..optim import schedule_factor
 from .request import AnalyzeRequest
 
-OUT = "counterfactual"
+OUT = COUNTERFACTUAL
 # keys a leave-out fit may differ in from the run it is compared with: its folder, what it leaves out, and
 # whether it keeps the full fit's order of the rest, which checkpoints inside an epoch it saves
 FREE_KEYS = {("trainer", "default_root_dir"), ("data", "init_args", "leave_out"),
