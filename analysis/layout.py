@@ -28,6 +28,8 @@ CONFIG_FILE = "config.yaml"  # what ``crossling fit`` writes: the resolved, repl
 ANALYZE_CONFIG_FILE = "analyze.config.yaml"  # what ``crossling analyze`` writes beside it
 # a run-like folder inside a run whose ``sketches/`` hold sentence representations, not gradient sketches
 REPRESENTATIONS = "representations"
+# a run-like folder inside a run whose ``sketches/`` hold EK-FAC scores in the sketch contract (the ekfac stage)
+EKFAC = "ekfac"
 COUNTERFACTUAL = "counterfactual"  # the counterfactual check's folder inside the analysed run
 STUDY_RECORDS = ".study"  # the study runner's records inside a study root
 # the planted studies whose roots form the sweep the front page's detection limit reads (written by the runner)

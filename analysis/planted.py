@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 # how a method is named in a sentence
-METHOD_NAMES = {"tracin": "TracIn", "trak": "TRAK's kernel", "repsim": "representation similarity"}
+METHOD_NAMES = {"tracin": "TracIn", "trak": "TRAK's kernel", "repsim": "representation similarity",
+                "ekfac": "EK-FAC influence"}
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:

@@ -28,7 +28,7 @@ from .classifier import SequenceClassifier
 from .explain import example_texts, print_explanation
 from .heap import release_freed_memory
 from .precision import PrecisionChoice, accelerator_device_type, resolve_trainer_precision
-from .stages import ANALYZE_STAGES, AnalyzeRequest, CounterfactualOptions, run_subnetworks
+from .stages import ANALYZE_STAGES, AnalyzeRequest, CounterfactualOptions, EkfacOptions, run_subnetworks
 
 
 class RunCSVLogger(CSVLogger):
@@ -136,7 +136,7 @@ class CrosslingTrainer(Trainer):
         self,
         model: SequenceClassifier,
         datamodule: TaskDataModule,
-        stages: list[Literal["sketch", "influence", "fidelity", "report", "counterfactual"]] | None = None,
+        stages: list[Literal["sketch", "influence", "fidelity", "report", "counterfactual", "ekfac"]] | None = None,
         conditions: list[str] | None = None,
         compare_to: str | None = None,
         explain: int | None = None,
@@ -144,6 +144,7 @@ class CrosslingTrainer(Trainer):
         influence: InfluenceOptions | None = None,
         fidelity: FidelityOptions | None = None,
         counterfactual: CounterfactualOptions | None = None,
+        ekfac: EkfacOptions | None = None,
     ) -> None:
         """Attribute test predictions to training languages with TracIn over the run's checkpoints.
 
@@ -161,6 +162,8 @@ class CrosslingTrainer(Trainer):
             influence: ranking, bootstrap and report options.
             fidelity: sample sizes of the fidelity check.
             counterfactual: where the leave-out fits are and which languages they leave out.
+            ekfac: EK-FAC's damping, Fisher and batch sizes (``ekfac``: EK-FAC influence through kronfluence,
+                ranked with ``--influence.method ekfac``).
         """
         request = AnalyzeRequest(
             trainer=self,
@@ -174,6 +177,7 @@ class CrosslingTrainer(Trainer):
             influence=influence or InfluenceOptions(),
             fidelity=fidelity or FidelityOptions(),
             counterfactual=counterfactual or CounterfactualOptions(),
+            ekfac=ekfac or EkfacOptions(),
         )
         if explain is not None:
             print_explanation(request.run_dir, request.conditions[0], explain, example_texts(datamodule))

@@ -403,3 +403,51 @@ def test_the_ekfac_benchmark_scores_the_planted_items_beside_the_sketched_method
     rows = re.findall(r"^(EK-FAC \(kronfluence\)|TracIn \(cosine\)|TRAK's kernel) +(\d\.\d+) +(\d\.\d+)", result.stdout, re.M)
     assert [name for name, *_ in rows] == ["EK-FAC (kronfluence)", "TracIn (cosine)", "TRAK's kernel"], result.stdout
     assert len({chance for *_, chance in rows}) == 1 and all(0 < float(ap) <= 1 for _, ap, _ in rows)
+
+
+def test_the_ekfac_stage_writes_scores_the_ranking_reads_as_any_methods(planted_study):
+    """``analyze --stages '[ekfac, influence]' --influence.method ekfac`` on the planted study's full fit: each
+    test item's top m is the full argsort of EK-FAC's scores summed over the sketched checkpoints, computed
+    here from each checkpoint directly; a second run finds every checkpoint done."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    from analysis.influence.topk_file import load_topk
+    from analysis.sketch_store import read_sketch
+    from callbacks.checkpoints import list_checkpoints, load_weights
+    from datamodules.base import make_collate
+    from lightning_modules.classifier import SequenceClassifier
+    from lightning_modules.stages.ekfac import EkfacOptions, ekfac_scores
+
+    full = planted_study / "full"
+    command = json.loads((planted_study / ".study" / "natural-influence.json").read_text())["command"]
+    command = [a for a in command if not a.startswith("--stages=")] + [
+        "--stages=[ekfac, influence]", "--influence.method=ekfac", "--ekfac.batch_size=8", "--ekfac.query_batch_size=6"]
+    result = subprocess.run([sys.executable, "-m", "lightning_modules.main", *command], capture_output=True, text=True,
+                            env=cli_env(), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dm = small_pawsx_datamodule(languages=LANGS, train_per_language=30, dev_per_language=8, test_per_language=12,
+                                seed=0, plant=PlantOptions("de", 0.5))
+    checkpoints = dict(list_checkpoints(full))
+    module = SequenceClassifier("tiny-random", languages=LANGS)
+    total = 0.0
+    for epoch in (0, 1):
+        train, test = (read_sketch(full, epoch, "full", split) for split in ("train", "test"))
+        load_weights(module, checkpoints[epoch])
+        by_index = {s: {e.index: e for e in dm.dataset(s).examples} for s in ("train", "test")}
+        scores, _ = ekfac_scores(module, ["model." + n for n in train.meta["layers"]],
+                                 [by_index["train"][i] for i in train.indices], [by_index["test"][i] for i in test.indices],
+                                 make_collate(dm.tokenizer.pad_token_id), EkfacOptions(batch_size=8, query_batch_size=6))
+        total = total + scores
+    top = load_topk(full / "influence-ekfac" / "full" / "topk.npz")
+    m = top["pos_idx"].shape[1]
+    order = np.lexsort((np.tile(np.arange(total.shape[1]), (total.shape[0], 1)), -total), axis=1)[:, :m]
+    rows = {int(i): r for r, i in enumerate(test.indices)}
+    expected = train.indices[order[[rows[int(i)] for i in top["test_indices"]]]]
+    assert (top["pos_idx"] == expected).mean() > 0.95  # the files hold float32: near-ties may swap
+    again = subprocess.run([sys.executable, "-m", "lightning_modules.main", *command], capture_output=True, text=True,
+                           env=cli_env(), timeout=900)
+    assert again.returncode == 0 and again.stdout.count("done already") >= 2, again.stdout[-2000:]

@@ -9,6 +9,10 @@ test rows it may first transform, so that each one produces the same files (``to
 - ``repsim``: the cosine of the sentence representations the classification head reads (the sketch stage
   writes them with ``sketch.kind: representation`` under ``<run>/representations/``), summed over the
   checkpoints analysed: the cheap baseline that needs no gradient.
+- ``ekfac``: EK-FAC influence, ``g_testᵀ (F̂ + λI)⁻¹ g_train`` with the Fisher's eigenvalue-corrected
+  Kronecker factors, scored through kronfluence by the ekfac stage (``lightning_modules/stages/ekfac.py``)
+  and written as features whose dot products are the scores (test rows: the scores; training rows: the
+  identity), summed over the checkpoints analysed.
 - ``trak``: TRAK's kernel over the projected gradients, ``φ_testᵀ (ΦᵀΦ + λI)⁻¹ φ_train`` per checkpoint,
   summed over checkpoints (TRAK's ensemble over models). ``Φ`` is the sketched training pool; with more
   sketch dimensions than pooled examples (the demo: d = 4096, 750 examples) ``ΦᵀΦ`` is singular and the
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
-from ..layout import REPRESENTATIONS
+from ..layout import EKFAC, REPRESENTATIONS
 from ..tracin import tracin_scores
 from .options import METHODS, InfluenceError
 
@@ -89,8 +93,9 @@ def trak_transform(train, tests, damping: float) -> tuple[np.ndarray, float]:
 
 
 def feature_root(run_dir: Path, method: str) -> Path:
-    """The run-like folder whose ``sketches/`` a method ranks: the representations for ``repsim``."""
-    return Path(run_dir) / REPRESENTATIONS if method == "repsim" else Path(run_dir)
+    """The run-like folder whose ``sketches/`` a method ranks: the representations for ``repsim``, the EK-FAC
+    scores for ``ekfac``."""
+    return Path(run_dir) / {"repsim": REPRESENTATIONS, "ekfac": EKFAC}.get(method, "")
 
 
 def prepare_scores(method: str, tests: Sequence, trains: Sequence, normalization: str,
@@ -100,6 +105,8 @@ def prepare_scores(method: str, tests: Sequence, trains: Sequence, normalization
         return PreparedScores(list(tests), normalization, {"method": "tracin"})
     if method == "repsim":
         return PreparedScores(list(tests), "cosine", {"method": "repsim"})
+    if method == "ekfac":  # test rows hold the scores, training rows the identity: the dot product is the score
+        return PreparedScores(list(tests), "dot", {"method": "ekfac"})
     if method == "trak":
         transformed, lams = [], []
         for test, train in zip(tests, trains):

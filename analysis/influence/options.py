@@ -9,7 +9,7 @@ from typing import Literal
 
 from ..tracin import NORMALIZATIONS
 
-METHODS = ("tracin", "trak", "repsim")  # analysis/influence/methods.py
+METHODS = ("tracin", "trak", "repsim", "ekfac")  # analysis/influence/methods.py
 
 
 class InfluenceError(ValueError):
@@ -60,9 +60,10 @@ class InfluenceOptions:
             guesses from the run directory's name (``sft``/``random``).
         strict: raise on a condition with missing sketches instead of skipping it.
         method: how scores are formed from the sketches (``analysis/influence/methods.py``): ``tracin``
-            (the paper's; rankings in ``influence/``), ``trak`` (TRAK's kernel; ``influence-trak/``) or ``repsim``
+            (the paper's; rankings in ``influence/``), ``trak`` (TRAK's kernel; ``influence-trak/``), ``repsim``
             (cosine of the sentence representations the sketch stage wrote with ``sketch.kind: representation``;
-            ``influence-repsim/``).
+            ``influence-repsim/``) or ``ekfac`` (EK-FAC influence the ekfac stage scored through kronfluence,
+            full model only; ``influence-ekfac/``).
         trak_damping: TRAK's λ as a multiple of the mean eigenvalue of the training sketches' ΦᵀΦ.
         wandb: log the report to the active W&B run, if there is one.
     """
@@ -88,7 +89,7 @@ class InfluenceOptions:
     run_kind: Literal["auto", "full", "sft", "sft-random"] = "auto"
     strict: bool = False
     wandb: bool = True
-    method: Literal["tracin", "trak", "repsim"] = "tracin"
+    method: Literal["tracin", "trak", "repsim", "ekfac"] = "tracin"
     trak_damping: float = 0.1
 
     def ranking_fields(self) -> dict:

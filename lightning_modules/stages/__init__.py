@@ -10,6 +10,7 @@ command                                         starts in                   writ
 ``crossling analyze --stages fidelity``         ``fidelity.py``             ``fidelity/fidelity.json``
 ``crossling analyze --stages report``           ``report.py``               ``report/``
 ``crossling analyze --stages counterfactual``   ``counterfactual.py``       ``counterfactual/``
+``crossling analyze --stages ekfac``            ``ekfac.py``                ``ekfac/sketches/epoch=<E>/full/``
 ==============================================  ==========================  =================================
 
 ``crossling fit`` is Lightning's own loop (``CrosslingTrainer`` in ``../cli.py``), and ``crossling
@@ -18,6 +19,7 @@ model's passes in ``callbacks/`` and the numpy work in ``analysis/``, neither of
 """
 
 from .counterfactual import CounterfactualOptions, run_counterfactual_stage
+from .ekfac import EkfacOptions, run_ekfac_stage
 from .fidelity import run_fidelity_stage
 from .influence import run_influence_stage
 from .report import run_report_stage
@@ -31,6 +33,7 @@ ANALYZE_STAGES = {
     "fidelity": run_fidelity_stage,
     "report": run_report_stage,
     "counterfactual": run_counterfactual_stage,
+    "ekfac": run_ekfac_stage,
 }
 
-__all__ = ["ANALYZE_STAGES", "AnalyzeRequest", "CounterfactualOptions", "run_subnetworks"]
+__all__ = ["ANALYZE_STAGES", "AnalyzeRequest", "CounterfactualOptions", "EkfacOptions", "run_subnetworks"]

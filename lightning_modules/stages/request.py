@@ -37,3 +37,4 @@ class AnalyzeRequest:
     influence: InfluenceOptions
     fidelity: FidelityOptions
     counterfactual: object = field(default=None)  # CounterfactualOptions (stages/counterfactual.py)
+    ekfac: object = field(default=None)  # EkfacOptions (stages/ekfac.py)
