@@ -159,6 +159,20 @@ def language_mean_gradients(pool: np.ndarray, pool_lang: np.ndarray, n_languages
     return means
 
 
+def score_removal_effects(scores: np.ndarray, pool_lang: np.ndarray, n_languages: int,
+                          counts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(per removed set, each test row's) Σ_ℓ c_ℓ · (mean score of the pool items of language ℓ): the removal
+    effect an attribution method's (test × pool) scores imply, the pool standing for the whole training
+    split as in ``removal_prediction``; positive where the removed examples helped (a step on them lowered
+    the test loss). In the method's own units."""
+    scores = np.asarray(scores, dtype=np.float64)
+    means = np.full((scores.shape[0], n_languages), np.nan)
+    for code in range(n_languages):
+        if (pool_lang == code).any():
+            means[:, code] = scores[:, pool_lang == code].mean(axis=1)
+    return {r: np.nansum(means * np.asarray(c, dtype=np.float64)[None, :], axis=1) for r, c in counts.items()}
+
+
 def removal_prediction(test: np.ndarray, means: np.ndarray, removed_counts: np.ndarray, weight: float) -> np.ndarray:
     """(N,) first-order change of each test example's loss when the removed examples are not trained on,
     at one checkpoint: ``weight`` · g_z · Σ_ℓ c_ℓ m_ℓ (``m_ℓ`` language ℓ's mean pool gradient, ``c_ℓ``

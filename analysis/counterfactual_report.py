@@ -165,11 +165,14 @@ def seed_notes(seed_roots: dict[int, Path], seeds: list[int]) -> list[str]:
             md += [f"**Seed {seed}.** {record['planted_sentence']}", ""]
         elif planted.get("note"):
             md += [f"**Seed {seed}, planted control:** {planted['note']}.", ""]
-        rows = method_rows(planted.get("retrieval"), planted.get("retrieval_by_method"))
+        rows = method_rows(planted.get("retrieval"), planted.get("retrieval_by_method"), record.get("by_method"))
         if len(rows) > 1:  # TracIn and at least one other method: a small leaderboard
-            counts = planted.get("retrieval") or next(iter(planted["retrieval_by_method"].values()))
-            md += [f"**Seed {seed}, which attribution finds the planted items** ({counts['n_test']} marked test "
-                   f"items; {counts['n_marked_pool']} of the {counts['n_pool']} ranked training items marked):", "",
+            counts = planted.get("retrieval") or next(iter((planted.get("retrieval_by_method") or {}).values()), None)
+            where = (f" ({counts['n_test']} marked test items; {counts['n_marked_pool']} of the {counts['n_pool']} "
+                     "ranked training items marked)") if counts else ""
+            md += [f"**Seed {seed}, which attribution to believe**{where}: the removal effect each method's scores "
+                   "imply against retraining over the leave-out cells (Pearson r, column-permutation p)"
+                   + (", and how well each finds the planted items" if counts else "") + ":", "",
                    markdown_table(rows), ""]
         by = record.get("by_checkpoints") or {}
         if len(by) > 1:

@@ -200,17 +200,26 @@ def p_clause(p: float) -> str:
     return f", permutation p = {p:.3f}" if np.isfinite(p) else ""
 
 
-def method_rows(retrieval: Mapping | None, by_method: Mapping[str, Mapping] | None) -> list[dict]:
-    """One row per attribution method of a planted run's retrieval records (``counterfactual.json``: TracIn's
-    ``retrieval`` and ``retrieval_by_method``): which method finds the planted training items best, beside
-    what a random ranking gets. Empty when no method was scored."""
+def method_rows(retrieval: Mapping | None, by_method: Mapping[str, Mapping] | None,
+                agreement: Mapping[str, Mapping] | None = None) -> list[dict]:
+    """One row per attribution method, the leaderboard of a run's check (``counterfactual.json``): how far
+    the removal effect its scores imply agrees with retraining over the leave-out cells (``agreement``:
+    ``by_method``), and, on a planted run, how well it finds the planted training items (TracIn's
+    ``retrieval`` and ``retrieval_by_method``) beside what a random ranking gets. Empty when no method was
+    scored."""
     records = ({"tracin": retrieval} if retrieval else {}) | dict(by_method or {})
     rows = []
-    for method, r in records.items():
-        if not r or not r.get("n_test"):
+    for method in dict.fromkeys([*records, *(agreement or {})]):
+        r, row = records.get(method) or {}, {"method": METHOD_NAMES.get(method, method)}
+        a = (agreement or {}).get(method)
+        if a and np.isfinite(a.get("pearson_r", float("nan"))):
+            p = a.get("permutation_p", float("nan"))
+            row["r with retraining"] = f"{a['pearson_r']:+.2f}" + (f" (p = {p:.2f})" if np.isfinite(p) else "")
+        if not r.get("n_test"):
+            if a:
+                rows.append(row)
             continue
-        row = {"method": METHOD_NAMES.get(method, method),
-               "AUPRC, marked test items": f"{r['mean_ap']:.3f}",
+        row |= {"AUPRC, marked test items": f"{r['mean_ap']:.3f}",
                "a random ranking": f"{r['chance']:.3f}",
                "unmarked test items": f"{r['unmarked_mean_ap']:.3f}",
                "p, marked > unmarked": f"{r['ap_p']:.3f}" if np.isfinite(r.get("ap_p", float("nan"))) else "–"}
@@ -218,4 +227,5 @@ def method_rows(retrieval: Mapping | None, by_method: Mapping[str, Mapping] | No
             row[f"top-{r['m']} share, marked / unmarked"] = \
                 f"{100 * r['top_m_share_marked']:.1f} % / {100 * r['top_m_share_unmarked']:.1f} %"
         rows.append(row)
-    return rows
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return [{key: row.get(key, "–") for key in columns} for row in rows]

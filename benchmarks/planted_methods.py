@@ -25,7 +25,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 
 from sketch_fidelity import load_run  # noqa: E402
 
-from analysis.influence.methods import feature_root, score_matrix  # noqa: E402
+from analysis.influence.methods import method_sketches, score_matrix  # noqa: E402
 from analysis.planted import planted_retrieval  # noqa: E402
 from analysis.sketch_store import list_epochs, read_sketch  # noqa: E402
 
@@ -56,19 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'method':<22}{'AUPRC marked':>14}{'chance':>9}{'unmarked':>10}"
           f"{f'top-{args.m} {dm.plant.language} share: marked':>32}{'unmarked':>10}{'seconds':>9}")
     methods = [("tracin", n, None) for n in args.normalizations] + [("trak", None, d) for d in args.dampings]
-    representations = feature_root(args.run, "repsim")
-    if all((representations / "sketches" / f"epoch={e}" / args.condition / "train.npy").is_file() for e in epochs):
-        methods.append(("repsim", None, None))
-    else:
-        print(f"(no representations in {representations}: run the sketch stage with --sketch.kind representation "
-              "for repsim's row)")
+    methods += [(m, None, None) for m in ("repsim", "ekfac") if method_sketches(args.run, m, args.condition, epochs)]
     for method, normalization, damping in methods:
         start = time.perf_counter()
-        source = feature_root(args.run, method)
-        method_tests = [read_sketch(source, e, args.condition, "test") for e in epochs]
-        method_trains = [read_sketch(source, e, args.condition, "train") for e in epochs]
-        if any(not np.array_equal(a.indices, b.indices) for a, b in zip(method_trains + method_tests, trains + tests)):
-            raise SystemExit(f"{source}/sketches: holds other examples than {sketched}")
+        method_tests, method_trains = method_sketches(args.run, method, args.condition, epochs)
         scores = score_matrix(method, [t.data for t in method_tests], [t.data for t in method_trains],
                               normalization or "dot", damping or 0.1)
         found = planted_retrieval(scores, pool_marked, test_marked, test_lang, pool_lang, args.m)

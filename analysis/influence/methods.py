@@ -37,6 +37,7 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
 from ..layout import EKFAC, REPRESENTATIONS
+from ..sketch_store import read_sketch, sketch_paths
 from ..tracin import tracin_scores
 from .options import METHODS, InfluenceError
 
@@ -116,6 +117,37 @@ def prepare_scores(method: str, tests: Sequence, trains: Sequence, normalization
         return PreparedScores(transformed, "dot", {"method": "trak", "damping": trak_damping, "lambda": lams})
     raise InfluenceError(f"options: method must be one of {METHODS}, found {method!r}")
 
+
+
+def method_sketches(run_dir: Path, method: str, condition: str, epochs: Sequence[int]) -> tuple[list, list] | None:
+    """(test, train) sketches per checkpoint that ``method`` ranks for ``condition``; None when its folder lacks
+    one of them (e.g. no representations written). Rows must be the gradient sketches' rows."""
+    source = feature_root(run_dir, method)
+    if not all(sketch_paths(source, e, condition, split)[1].is_file() for e in epochs for split in ("train", "test")):
+        return None
+    tests = [read_sketch(source, e, condition, "test") for e in epochs]
+    trains = [read_sketch(source, e, condition, "train") for e in epochs]
+    for split, found in (("test", tests), ("train", trains)):  # every checkpoint, every method: the same rows
+        reference = read_sketch(run_dir, epochs[-1], condition, split).indices
+        if any(not np.array_equal(s.indices, reference) for s in found):
+            raise InfluenceError(f"{source / 'sketches'}: {split} rows differ between checkpoints or from "
+                                 f"{Path(run_dir) / 'sketches'}'s (made by another analysis: run its stage again)")
+    return tests, trains
+
+
+def method_score_matrices(run_dir: Path, condition: str, epochs: Sequence[int], normalization: str = "cosine",
+                          trak_damping: float = 0.1) -> dict[str, np.ndarray]:
+    """Every method's whole (test × pool) score matrix over ``epochs`` whose inputs the run holds, rows and
+    columns in the gradient sketches' order (``tracin`` under ``normalization``, the others as they rank)."""
+    found = {}
+    for method in METHODS:
+        sketches = method_sketches(run_dir, method, condition, epochs)
+        if sketches is None:
+            continue
+        tests, trains = sketches
+        found[method] = score_matrix(method, [t.data for t in tests], [t.data for t in trains], normalization,
+                                     trak_damping)
+    return found
 
 
 def score_matrix(method: str, tests: Sequence, trains: Sequence, normalization: str = "cosine",

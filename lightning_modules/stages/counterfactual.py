@@ -25,15 +25,18 @@ from analysis.counterfactual import (
     CounterfactualError,
     SeedCounterfactual,
     TestLosses,
+    cell_agreement,
     check_same_examples,
     checkpoint_agreement,
     checkpoint_weights,
     dev_did_not_learn,
     did_not_learn,
+    language_grid,
     language_mean_gradients,
     load_test_losses,
     per_example_effects,
     removal_prediction,
+    score_removal_effects,
     write_test_losses,
 )
 from analysis.counterfactual_report import (
@@ -42,8 +45,7 @@ from analysis.counterfactual_report import (
     write_counterfactual_outputs,
     write_effects,
 )
-from analysis.influence.methods import feature_root, score_matrix
-from analysis.influence.options import METHODS
+from analysis.influence.methods import method_score_matrices
 from analysis.layout import CONFIG_FILE, COUNTERFACTUAL, read_run_config, refit_run_name, removed_run_name
 from analysis.planted import PlantedInputs, planted_retrieval
 from analysis.sketch_store import check_compatible, list_epochs, read_sketch
@@ -252,7 +254,7 @@ def predicted_effects(run_dir: Path, datamodule, condition: str, removed: list[s
     checkpoint weighted by the η/B of the epochs it stands for, so that agreement can be read per number
     of checkpoints."""
     languages = list(datamodule.languages)
-    epochs = [e for e in list_epochs(run_dir) if (run_dir / "sketches" / f"epoch={e}" / condition / "train.npy").is_file()]
+    epochs = sketched_epochs(run_dir, condition)
     if not epochs:
         raise CounterfactualError(f"{run_dir / 'sketches'}: no finished {condition!r} sketches (run the sketch stage "
                                   f"with condition {condition})")
@@ -284,6 +286,34 @@ def predicted_effects(run_dir: Path, datamodule, condition: str, removed: list[s
     return by_checkpoints[len(epochs)], record, by_checkpoints
 
 
+def sketched_epochs(run_dir: Path, condition: str) -> list[int]:
+    """The checkpoints whose ``condition`` training sketches are finished, ascending."""
+    return [e for e in list_epochs(run_dir) if (run_dir / "sketches" / f"epoch={e}" / condition / "train.npy").is_file()]
+
+
+def method_agreement(run_dir: Path, datamodule, condition: str, seed: SeedCounterfactual, test_index: np.ndarray,
+                     scores: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Each method's agreement with retraining over the leave-out cells: the removal effect its scores imply
+    (``score_removal_effects``; up to the method's own scale, so the slope is not comparable across methods)
+    against the retrained change, as ``cell_agreement`` measures it."""
+    languages = list(datamodule.languages)
+    epochs = sketched_epochs(run_dir, condition)
+    train, test = (read_sketch(run_dir, epochs[-1], condition, split) for split in ("train", "test"))
+    pool_lang = np.array([languages.index(x) for x in train.langs], dtype=np.int64)
+    examples = datamodule.dataset("train").examples
+    train_lang = np.array([e.lang for e in examples], dtype=np.int64)
+    left_out = [r for r in seed.retrained if r != CONTROL and r not in seed.not_learned]
+    counts = {r: np.bincount(train_lang[leave_out_indices(examples, languages, r, datamodule.seed)],
+                             minlength=len(languages)) for r in left_out}
+    rows = positions_of(test.indices, test_index)  # the seed's order
+    retrained = language_grid(seed, seed.retrained, left_out)
+    found = {}
+    for method, s in scores.items():
+        effects = score_removal_effects(s[rows], pool_lang, len(languages), counts)
+        found[method] = cell_agreement(language_grid(seed, effects, left_out), retrained)
+    return found
+
+
 def sorted_test_split(datamodule) -> tuple[np.ndarray, np.ndarray]:
     """The test examples' indices and labels in test-index order (the order of every ``TestLosses``)."""
     examples = sorted(datamodule.dataset("test").examples, key=lambda e: e.index)
@@ -291,40 +321,21 @@ def sorted_test_split(datamodule) -> tuple[np.ndarray, np.ndarray]:
             np.array([e.record.label for e in examples], dtype=np.int64))
 
 
-def planted_inputs(run_dir: Path, datamodule, condition: str, full: TestLosses, normalization: str,
-                   m: int | None = None, trak_damping: float = 0.1) -> PlantedInputs:
-    """Which test examples carry the planted marker (in ``full``'s order), and how well TracIn's scores over
-    the sketched checkpoints (equally weighted, as the influence stage ranks by default) find the marked
-    items of the sketched training pool for each marked test item; the same for every other attribution
-    method of ``analysis/influence/methods.py`` over the same sketches."""
+def planted_inputs(run_dir: Path, datamodule, condition: str, full: TestLosses,
+                   scores: dict[str, np.ndarray], m: int | None = None) -> PlantedInputs:
+    """Which test examples carry the planted marker (in ``full``'s order), and how well each method's scores
+    (``method_score_matrices``: TracIn's over the sketched checkpoints, equally weighted as the influence stage
+    ranks by default, and every other method whose inputs the run holds) find the marked items of the
+    sketched training pool for each marked test item."""
     plant = datamodule.plant
     marked_test = datamodule.planted_indices("test")
     marked = np.isin(full.test_index, marked_test)
-    epochs = [e for e in list_epochs(run_dir) if (run_dir / "sketches" / f"epoch={e}" / condition / "train.npy").is_file()]
-    trains = [read_sketch(run_dir, e, condition, "train") for e in epochs]
-    tests = [read_sketch(run_dir, e, condition, "test") for e in epochs]
-    pool_index, test_index = trains[0].indices, tests[0].indices
-    if any(not np.array_equal(t.indices, pool_index) for t in trains) or \
-            any(not np.array_equal(t.indices, test_index) for t in tests):
-        raise CounterfactualError(f"{run_dir / 'sketches'}: the sketched checkpoints hold other examples")
-    found = {}
-    for method in METHODS:
-        source = feature_root(run_dir, method)  # repsim: the representations, when the analysis wrote them
-        if source != run_dir:
-            if not all((source / "sketches" / f"epoch={e}" / condition / "train.npy").is_file() for e in epochs):
-                continue
-            method_trains = [read_sketch(source, e, condition, "train") for e in epochs]
-            method_tests = [read_sketch(source, e, condition, "test") for e in epochs]
-            if any(not np.array_equal(t.indices, pool_index) for t in method_trains) or \
-                    any(not np.array_equal(t.indices, test_index) for t in method_tests):
-                raise CounterfactualError(f"{source / 'sketches'}: holds other examples than {run_dir / 'sketches'}")
-        else:
-            method_trains, method_tests = trains, tests
-        scores = score_matrix(method, [t.data for t in method_tests], [t.data for t in method_trains], normalization,
-                              trak_damping)
-        found[method] = planted_retrieval(scores, np.isin(pool_index, datamodule.planted_indices("train")),
-                                          np.isin(test_index, marked_test), tests[0].langs == plant.language,
-                                          trains[0].langs == plant.language, m)
+    epochs = sketched_epochs(run_dir, condition)
+    train, test = (read_sketch(run_dir, epochs[-1], condition, split) for split in ("train", "test"))
+    found = {method: planted_retrieval(s, np.isin(train.indices, datamodule.planted_indices("train")),
+                                       np.isin(test.indices, marked_test), test.langs == plant.language,
+                                       train.langs == plant.language, m)
+             for method, s in scores.items()}
     tracin = found.pop("tracin")
     return PlantedInputs(plant.language, float(plant.fraction), marked, tracin, found)
 
@@ -371,11 +382,15 @@ def check_counterfactual(module, datamodule, run_dir: Path, options: Counterfact
                               retrained, predicted, accuracy, failed, refits)
     write_effects(out / EFFECTS_FILE, seed)
     shares = positive_shares(run_dir, full.languages, options.condition)
-    planted = planted_inputs(run_dir, datamodule, options.condition, full, normalization, m, trak_damping) \
+    scores = method_score_matrices(run_dir, options.condition, sketched_epochs(run_dir, options.condition),
+                                   normalization, trak_damping)
+    planted = planted_inputs(run_dir, datamodule, options.condition, full, scores, m) \
         if getattr(datamodule, "plant", None) is not None else None
     summary = write_counterfactual_outputs(out, [seed], shares, options.bootstrap_resamples,
                                            {"prediction": record, "runs": {r: str(p) for r, p in runs.items()},
                                             "by_checkpoints": checkpoint_agreement(seed, by_checkpoints),
+                                            "by_method": method_agreement(run_dir, datamodule, options.condition, seed,
+                                                                          full.test_index, scores),
                                             "learned_judged_on": split,
                                             "refit_runs": {n: str(p) for n, p in refit_runs.items()}},
                                            f"Leaving a training language out: TracIn vs retraining ({run_dir.name})",
