@@ -407,17 +407,35 @@ def _digest(obj) -> str:
 
 
 def _file_digest(path: str) -> str:
+    """A config file's bytes (how studies before 2026-12-07 fingerprinted it; still accepted, see run_study)."""
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def stage_fingerprint(stage: Stage, upstream: dict[str, str]) -> str:
+def _config_digest(path: str) -> str:
+    """A config file's parsed content: a comment or layout change is not a change of what a stage does (a byte
+    digest re-ran a finished fit, and removed its checkpoints, when only a config's comments were edited)."""
+    try:
+        return _digest(yaml.safe_load(Path(path).read_text()))
+    except (OSError, yaml.YAMLError, TypeError):
+        return _file_digest(path)  # the stage itself will say what is wrong with the file
+
+
+def stage_fingerprint(stage: Stage, upstream: dict[str, str], digest=_config_digest) -> str:
     """Arguments + the content of every config file they name + the upstream fingerprints."""
     files = {}
     for i, arg in enumerate(stage.command):
         if i > 0 and stage.command[i - 1] == "--config":
-            files[arg] = _file_digest(arg)
+            files[arg] = digest(arg)
     return _digest({"command": stage.command, "files": files, "upstream": [upstream[d] for d in stage.depends]})
+
+
+def marker_matches(marker: dict | None, stage: Stage, fingerprints: dict[str, str], legacy: dict[str, str]) -> bool:
+    """Fingerprint the stage both ways (into ``fingerprints`` and ``legacy``) and say whether its marker holds
+    either: a study finished before config content was fingerprinted is not run again."""
+    fingerprints[stage.name] = stage_fingerprint(stage, fingerprints)
+    legacy[stage.name] = stage_fingerprint(stage, legacy, _file_digest)
+    return bool(marker) and marker.get("fingerprint") in (fingerprints[stage.name], legacy[stage.name])
 
 
 
@@ -480,16 +498,17 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
     markers = root / layout.STUDY_RECORDS
     record_detection_sweep(cfg, base, root)
     fingerprints: dict[str, str] = {}
+    legacy: dict[str, str] = {}  # the same under the byte digest older markers hold
     force = False
     started = time.monotonic()
     durations: dict[str, list[float]] = {}  # stage kind -> seconds of finished stages of that kind
     seed_progress = SeedProgress(root, stages, cfg.seeds)
     for number, stage in enumerate(stages, start=1):
         force = force or stage.name == from_stage
-        fp = stage_fingerprint(stage, fingerprints)
-        fingerprints[stage.name] = fp
         marker = _read_json(markers / f"{stage.name}.json")
-        if not force and marker and marker.get("fingerprint") == fp:
+        matches = marker_matches(marker, stage, fingerprints, legacy)
+        fp = fingerprints[stage.name]
+        if not force and matches:
             print(f"[{number}/{len(stages)}] {stage.name}: done ({_fmt(marker.get('seconds', 0))}), skipped", flush=True)
             if marker.get("seconds"):
                 durations.setdefault(stage.command[0], []).append(marker["seconds"])
@@ -590,11 +609,10 @@ def study_main(argv: list[str]) -> None:
         print(f"training seeds: {' '.join(map(str, cfg.seeds))}"
               + ("" if len(cfg.seeds) == 1 else f" (runs under {root}/seed<s>/)"))
         fingerprints: dict[str, str] = {}
+        legacy: dict[str, str] = {}
         for stage in plan_stages(cfg, base):
-            fp = stage_fingerprint(stage, fingerprints)
-            fingerprints[stage.name] = fp
             marker = _read_json(root / ".study" / f"{stage.name}.json")
-            state = "done" if marker and marker.get("fingerprint") == fp else "to run"
+            state = "done" if marker_matches(marker, stage, fingerprints, legacy) else "to run"
             print(f"{stage.name:28s} {state:7s} crossling {' '.join(stage.command)}")
         return
     from .stage_process import StageFailed

@@ -348,3 +348,23 @@ def test_report_command_rebuilds_the_front_page_from_the_files(finished):
         assert done.returncode == 0, done.stderr[-3000:]
         assert page.read_bytes() == before
         assert "crossling study summary" in done.stdout
+
+
+def test_a_comment_in_a_stage_config_does_not_rerun_the_stage_a_value_does(tmp_path):
+    """Fingerprints read a config's content: editing a comment keeps a finished fit (it once re-ran one and
+    removed its checkpoints); changing a value re-runs it; a marker from the byte fingerprint still counts."""
+    from lightning_modules.study import Stage, _file_digest, marker_matches, stage_fingerprint
+
+    config = tmp_path / "full.yaml"
+    config.write_text("trainer:\n  max_epochs: 2   # two epochs\n")
+    stage = Stage("full", ["fit", "--config", str(config)], [])
+    before = stage_fingerprint(stage, {})
+    old_marker = {"fingerprint": stage_fingerprint(stage, {}, _file_digest)}
+    config.write_text("# the demo's fit\ntrainer:\n  max_epochs: 2   # two epochs (see the docs)\n")
+    assert stage_fingerprint(stage, {}) == before
+    assert marker_matches({"fingerprint": before}, stage, {}, {})
+    assert not marker_matches(old_marker, stage, {}, {})  # bytes changed: the old scheme cannot vouch for it
+    config.write_text("trainer:\n  max_epochs: 2   # two epochs\n")
+    assert marker_matches(old_marker, stage, {}, {})  # unchanged bytes: a study from before still counts as done
+    config.write_text("trainer:\n  max_epochs: 3\n")
+    assert stage_fingerprint(stage, {}) != before
