@@ -154,6 +154,14 @@ def _value(measure: str, value: float | None) -> str:
     return f"{value:+.4f}"
 
 
+def limit_text(row: dict) -> str:
+    """The limit as the table says it: a share, "not detected", or which share's missing verdict stops it."""
+    if row["limit"] is not None:
+        return f"{100 * row['limit']:g} %"
+    largest = max(row["cells"])
+    return "not detected" if row["cells"][largest][1] is False else f"no verdict at {100 * largest:g} %"
+
+
 def markdown_rows(rows: list[dict]) -> list[dict]:
     """The table as the report sets it: a column per share, ✓ detected, ✗ not, ? no verdict recorded."""
     out = []
@@ -162,7 +170,7 @@ def markdown_rows(rows: list[dict]) -> list[dict]:
         for fraction, (value, verdict, _) in row["cells"].items():
             mark = {True: "✓", False: "✗", None: "?"}[verdict]
             line[f"{100 * fraction:g} % planted"] = f"{mark} {_value(row['measure'], value)}"
-        line["detected down to"] = f"{100 * row['limit']:g} %" if row["limit"] is not None else "not detected"
+        line["detected down to"] = limit_text(row)
         out.append(line)
     return out
 
@@ -194,11 +202,10 @@ def plot_detection(rows: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def write_detection_limit(roots: Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]:
-    """``detection_limit.{json,md,png}`` in ``out_dir`` from the planted studies at ``roots``."""
+def write_detection_limit(studies: Sequence[PlantedStudy], out_dir: str | Path) -> dict[str, Path]:
+    """``detection_limit.{json,md,png}`` in ``out_dir`` from the planted studies (``read_planted_study``)."""
     from .report.render import markdown_table
 
-    studies = [read_planted_study(root) for root in roots]
     rows = detection_table(studies)
     out_dir = Path(out_dir)
     record = {"language": studies[0].language, "rules": RULES, "alpha": ALPHA,
@@ -227,8 +234,7 @@ def detection_section(root: str | Path, out_dir: str | Path) -> list[str]:
     ran, waiting = [], []
     for study in studies:
         try:
-            read_planted_study(study["root"])
-            ran.append(study["root"])
+            ran.append(read_planted_study(study["root"]))
         except DetectionLimitError as err:
             waiting.append(f"`crossling study --config {study['config']}` ({err})")
     md = ["## The detection limit (planted sweep)", ""]

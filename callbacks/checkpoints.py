@@ -77,6 +77,7 @@ class EpochCheckpoint(pl.Callback):
         self._rates: list[float] = []
         self._examples = 0
         self._rate_sum = 0.0  # every rate used since training began, kept across a resume
+        self._save_at: set[int] = set()  # global steps of within_epoch, fixed when training starts
         self._resume_rng: dict | None = None
         self._resume_rate_sum: float | None = None
 
@@ -96,6 +97,7 @@ class EpochCheckpoint(pl.Callback):
             self._resume_rng = None
         self._rate_sum = self._resume_rate_sum or 0.0
         self._resume_rate_sum = None
+        self._save_at = self.within_epoch_steps(trainer) if self.within_epoch else set()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rates, self._examples = [], 0
@@ -147,14 +149,13 @@ class EpochCheckpoint(pl.Callback):
         }
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if not self.within_epoch or trainer.sanity_checking or not trainer.is_global_zero:
-            return
         step = trainer.global_step
-        name = f"epoch={trainer.current_epoch}-step={step}.ckpt"
-        directory = Path(trainer.default_root_dir) / "checkpoints"
+        if step not in self._save_at or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        path = Path(trainer.default_root_dir) / "checkpoints" / f"epoch={trainer.current_epoch}-step={step}.ckpt"
         # with gradient accumulation several batches end on one step: the first that reaches it saves
-        if step in self.within_epoch_steps(trainer) and not (directory / name).is_file():
-            atomic_torch_save(self.payload(trainer, pl_module, within_epoch=True), directory / name)
+        if not path.is_file():
+            atomic_torch_save(self.payload(trainer, pl_module, within_epoch=True), path)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -137,3 +137,18 @@ def test_a_bad_sweep_is_one_line_naming_the_key(tmp_path, value, message):
     path = study_config(tmp_path, "large.yaml", "runs/large", detection_limit=value)
     with pytest.raises(StudyConfigError, match=f"key 'detection_limit': {message}"):
         load_study_config(path)
+
+
+def test_a_largest_share_without_a_verdict_is_named_not_called_undetected(tmp_path):
+    from analysis.detection_limit import markdown_rows
+
+    old = retrieval(0.4, None)
+    del old["ap_p"]
+    large = write_study(tmp_path / "large", record(0.25, cell(0.3, 0.01), cell(0.02, 0), old))
+    small = write_study(tmp_path / "small", record(0.05, cell(0.01, -0.02), cell(0.001, 0), retrieval(0.2, 0.01)))
+    lines = {r["measure"]: r for r in markdown_rows(detection_table([read_planted_study(large),
+                                                                       read_planted_study(small)]))}
+    assert lines["ranking: TracIn"]["detected down to"] == "no verdict at 25 %"
+    assert lines["retraining"]["detected down to"] == "25 %"  # detected at 25 %, not at 5 % (interval touches zero)
+    small_only = markdown_rows(detection_table([read_planted_study(small)]))
+    assert {r["measure"]: r["detected down to"] for r in small_only}["retraining"] == "not detected"
