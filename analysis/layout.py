@@ -36,6 +36,18 @@ STUDY_RECORDS = ".study"  # the study runner's records inside a study root
 DETECTION_SWEEP = "detection_limit.json"
 
 
+def method_stage_name(analysis: str, method: str) -> str:
+    """The study stage that ranks one analysis (``natural``, ``sft``, ``seed1-sft-random0``) under an
+    attribution method: TracIn's is the one that sketches and ranks (``<analysis>-influence``), another
+    method's comes after it; its record in ``.study/`` holds the stage's time and peak memory."""
+    return f"{analysis}-influence" if method == "tracin" else f"{analysis}-{method}-analysis"
+
+
+def is_method_stage(stage: str, method: str) -> bool:
+    """Whether a study stage's name is one ``method_stage_name`` gives for ``method``."""
+    return stage.endswith("-influence" if method == "tracin" else f"-{method}-analysis")
+
+
 def seed_folder_name(seed: int) -> str:
     """The folder of one training seed's runs in a study of several seeds."""
     return f"seed{seed}"

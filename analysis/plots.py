@@ -229,3 +229,41 @@ def plot_bars(
         for i, (v, note) in enumerate(zip(shown, notes)):
             ax.text(i, v, note, ha="center", va="bottom" if v >= 0 else "top", fontsize=6)
     return _save(fig, path)
+
+
+@dataclass
+class ForestPanel:
+    """One comparison: an estimate with its interval per row (e.g. per attribution method)."""
+
+    title: str
+    labels: Sequence[str]
+    values: Sequence[float]
+    low: Sequence[float]
+    high: Sequence[float]
+    marked: Sequence[bool]
+
+
+def plot_forest(path: str | Path, panels: Sequence[ForestPanel], xlabel: str, title: str = "") -> Path:
+    """Estimates with their intervals, one panel per comparison side by side on a shared x axis, one row per
+    label; a filled dot is a marked estimate, an open one is not. Zero is drawn: a reader sees at a glance
+    which rows keep the sign of the others and which intervals cross zero."""
+    n = max(len(panels), 1)
+    rows = max((len(p.labels) for p in panels), default=1)
+    fig = Figure(figsize=(min(3.2 * n, 16.0), 0.4 * rows + 1.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, n, sharex=True, sharey=True))
+    for ax, panel in zip(axes, panels):
+        y = np.arange(len(panel.labels))[::-1]
+        values, low, high = (np.asarray(a, dtype=np.float64) for a in (panel.values, panel.low, panel.high))
+        for yi, v, lo, hi, mark in zip(y, values, low, high, panel.marked):
+            color = "tab:blue" if v >= 0 else "tab:red"
+            ax.plot([lo, hi], [yi, yi], color=color, linewidth=1.6)
+            ax.plot([v], [yi], "o", color=color, markerfacecolor=color if mark else "white", markersize=6)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(y, labels=list(panel.labels))
+        ax.set_ylim(-0.6, rows - 0.4)
+        ax.set_title(panel.title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

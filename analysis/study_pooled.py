@@ -125,12 +125,14 @@ def bootstrap_options(run: Path) -> tuple[int, int, float]:
         influence.get("ci_level", 0.95))
 
 
-def in_language_sample(seed_root: Path, q: Question, seed: int) -> tuple[SeedSample, list[str]] | None:
+def in_language_sample(seed_root: Path, q: Question, seed: int,
+                       method: str = "tracin") -> tuple[SeedSample, list[str]] | None:
     """Per test example kept by both rankings (correct under both), the change of its in-language
-    share of the top-m positive influences; None when the seed lacks either ranking."""
+    share of the top-m positive influences under one attribution method; None when the seed lacks
+    either ranking."""
     try:
-        top = load_topk(topk_path(seed_root / q.run, q.condition))
-        ref = load_topk(topk_path(seed_root / q.ref_run, q.ref_condition))
+        top = load_topk(topk_path(seed_root / q.run, q.condition, method))
+        ref = load_topk(topk_path(seed_root / q.ref_run, q.ref_condition, method))
     except (MissingInputs, InfluenceError):
         return None
     if top.languages != ref.languages:
@@ -206,14 +208,20 @@ def qualifying_notes(roots: dict[int, Path], q_runs: list[str], uses_masks: bool
     return notes
 
 
-def pooled_influence(root: Path) -> list[PooledFinding]:
-    """Every in-language-share question the seeds' rankings answer, pooled over the seeds that have it."""
+# methods that rank the sketches, whose share error the fidelity stage measures (the margin a change must clear)
+SKETCHED_METHODS = ("tracin", "trak")
+
+
+def pooled_influence(root: Path, method: str = "tracin") -> list[PooledFinding]:
+    """Every in-language-share question the seeds' rankings under ``method`` answer, pooled over the seeds
+    that have it. The projection error's margin applies to the methods that rank the sketches; EK-FAC and
+    representation similarity do not project, so their changes are judged by their intervals alone."""
     roots = seed_roots(root)
     out = []
     for q in influence_questions(random_seeds_of(roots)):
         samples, languages = [], None
         for seed, path in roots.items():
-            got = in_language_sample(path, q, seed)
+            got = in_language_sample(path, q, seed, method)
             if got is not None and (languages is None or got[1] == languages):
                 samples.append(got[0])
                 languages = got[1]
@@ -223,8 +231,8 @@ def pooled_influence(root: Path) -> list[PooledFinding]:
         effect = pool_seeds(samples, languages, resamples, name_seed("pooled", boot_seed, q.key), level)
         uses_masks = q.condition != "full" or q.run != "full"
         notes = qualifying_notes({s.seed: roots[s.seed] for s in samples}, [q.run], uses_masks)
-        out.append(PooledFinding(q.key, q.what, q.paper, "pp", effect, share_margin(roots, [q.run, q.ref_run]),
-                                 notes))
+        margin = share_margin(roots, [q.run, q.ref_run]) if method in SKETCHED_METHODS else 0.0
+        out.append(PooledFinding(q.key, q.what, q.paper, "pp", effect, margin, notes))
     return out
 
 

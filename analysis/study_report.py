@@ -20,6 +20,7 @@ from .atomic import write_text_atomic as _write
 from .counterfactual_report import counterfactual_section
 from .detection_limit import detection_section
 from .layout import FULL, SFT, sft_random_runs
+from .method_comparison import method_comparison_section
 from .report.render import MAX_TABLE_ROWS, markdown_table, read_csv
 from .study_findings import study_findings
 from .study_pooled import describe, pooled_rows, pooled_table, seed_roots
@@ -169,6 +170,7 @@ def write_study_report(root: Path) -> Path:
             md += ["## What this study found", "", *(f"- {f}" for f in findings), ""]
     md += counterfactual_section(roots or {0: root}, out / "counterfactual")
     md += detection_section(root, out / "detection_limit")
+    md += method_comparison_section(root, out / "attribution_methods")
     md += ["```", study_summary(root, findings), "```", ""]
     for seed, path in (roots.items() if several else [(None, first)]):
         label = f"Seed {seed} per-run reports: " if several else "Per-run reports: "

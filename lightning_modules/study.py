@@ -69,6 +69,10 @@ class StudyConfig:
         detection_limit: planted study configs (this one too, if planted) that differ only in the share
             planted: the front page reports, from those that have run, the smallest share each measure still
             detects (docs/study.md, "The detection limit"); None: no such section.
+        attribution_methods: attribution methods run beside TracIn on every analysed run (``trak``, ``repsim``,
+            ``ekfac``; docs/methods.md), each one stage per analysis after TracIn's, so the front page can say
+            whether the paper's comparisons keep their sign under each (``ekfac`` scores the fully fine-tuned
+            model only: it runs where the natural analysis has the condition ``full``); None: TracIn alone.
     """
 
     root: str = "runs/study"
@@ -87,6 +91,7 @@ class StudyConfig:
     counterfactual_refits: list[int] | None = None
     counterfactual_coupled: bool = False
     detection_limit: list[str] | None = None
+    attribution_methods: list[str] | None = None
 
 
 @dataclass
@@ -167,7 +172,26 @@ def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
     check_seeds(cfg, path)
     check_counterfactual_languages(cfg, path)
     check_detection_limit(cfg, path)
+    check_attribution_methods(cfg, path)
     return cfg, path.parent
+
+
+def check_attribution_methods(cfg: StudyConfig, path: Path) -> None:
+    """Methods beside TracIn are a non-empty list of distinct known names (TracIn always runs)."""
+    from analysis.influence.options import METHODS
+
+    methods = cfg.attribution_methods
+    if methods is None:
+        return
+    others = [m for m in METHODS if m != "tracin"]
+    if (not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods)
+            or len(set(methods)) != len(methods)):
+        raise StudyConfigError(f"{path}: key 'attribution_methods': expected a non-empty list of distinct method "
+                               f"names (some of {others}), found {methods!r}")
+    unknown = [m for m in methods if m not in others]
+    if unknown:
+        raise StudyConfigError(f"{path}: key 'attribution_methods': unknown method(s) {unknown}; expected some of "
+                               f"{others} (TracIn runs in every study)")
 
 
 def check_detection_limit(cfg: StudyConfig, path: Path) -> None:
@@ -282,6 +306,28 @@ def analysis_parts(with_fidelity: bool) -> list[tuple[str, ...]]:
     return [("sketch", "influence"), ("fidelity", "report") if with_fidelity else ("report",)]
 
 
+def method_stage(method: str, run: Path, conditions: list[str], analyze_config: list[str],
+                 args: list[str]) -> tuple[list[str], list[Path]] | None:
+    """The ``crossling analyze`` call that ranks ``run``'s conditions under another attribution method, after
+    TracIn's sketches exist, and what it writes; None where the method cannot score those conditions
+    (EK-FAC scores the full model only)."""
+    from analysis.influence.topk_file import influence_dir_name
+    from analysis.layout import EKFAC, REPRESENTATIONS
+
+    steps, extra, outputs = ["influence"], [], [run / influence_dir_name(method)]
+    if method == "repsim":  # the representations are a pass of their own, kept apart from the sketches
+        steps, extra = ["sketch", "influence"], ["--sketch.kind=representation"]
+        outputs.append(run / REPRESENTATIONS)
+    elif method == "ekfac":
+        if "full" not in conditions:
+            return None
+        conditions, steps = ["full"], ["ekfac", "influence"]
+        outputs.append(run / EKFAC)
+    command = ["analyze", *analyze_config, f"--trainer.default_root_dir={run}", f"--stages=[{', '.join(steps)}]",
+               f"--conditions=[{', '.join(conditions)}]", *args, *extra, f"--influence.method={method}"]
+    return command, outputs
+
+
 def config_args(base: Path, configs: str | list[str]) -> list[str]:
     """``--config`` arguments of one stage kind: a study key names one config file or a list of them, the
     later ones overriding the earlier (e.g. the demo's analysis config, then a file that adds checkpoints)."""
@@ -327,13 +373,19 @@ def plan_seed_stages(cfg: StudyConfig, base: Path, root: Path, seed: int, prefix
         """``<stage minus -analysis>-influence`` (sketch, influence), then ``stage`` (what later stages
         depend on)."""
         parts = analysis_parts(with_fidelity)
-        names = [name(stage.removesuffix("-analysis") + "-influence"), name(stage)]
+        names = [name(layout.method_stage_name(stage.removesuffix("-analysis"), "tracin")), name(stage)]
         stages, before = [], depends
         for part, steps in zip(names, parts):
             command = ["analyze", *conf["analyze"], f"--trainer.default_root_dir={run}",
                        f"--stages=[{', '.join(steps)}]", f"--conditions=[{', '.join(conditions)}]", *args, *extra]
             stages.append(Stage(part, command, before, outputs=analysis_outputs(run, steps)))
             before = [part]
+        for method in cfg.attribution_methods or []:
+            planned = method_stage(method, run, conditions, [*conf["analyze"]], [*args, *extra])
+            if planned is not None:
+                command, outputs = planned
+                stages.append(Stage(name(layout.method_stage_name(stage.removesuffix("-analysis"), method)), command,
+                                    [names[0]], outputs=outputs))
         return stages
 
     masks = f"--model.subnetworks={subnetworks_dir}"

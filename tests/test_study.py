@@ -3,6 +3,7 @@ outputs, and a changed option re-runs only the stages that depend on it."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import shutil
@@ -176,7 +177,7 @@ SEED_STAGES = [f"seed{seed}-{stage}" for seed in (0, 1) for stage in STAGES[:-1]
 def two_seeds(tmp_path_factory) -> tuple[Path, str, Path]:
     tmp = tmp_path_factory.mktemp("seeds")
     root = tmp / "runs"
-    config = write_study(tmp, root, seeds=[0, 1], fidelity_seeds=[0])
+    config = write_study(tmp, root, seeds=[0, 1], fidelity_seeds=[0], attribution_methods=["trak", "repsim", "ekfac"])
     # read the study's output as it comes, keeping the front page it writes when seed 0 has finished
     proc, lines = study(config), []
     for line in proc.stdout:
@@ -236,6 +237,32 @@ def test_each_training_seed_runs_the_whole_chain_and_the_front_page_pools_them(t
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_every_analysis_is_ranked_under_each_method_and_the_front_page_compares_them(two_seeds):
+    root, _, _ = two_seeds
+    for seed in (0, 1):
+        for run, analysis in (("full", "natural"), ("sft", "sft"), ("sft-random0", "sft-random0")):
+            for method in ("trak", "repsim", "ekfac"):
+                marker = root / ".study" / f"seed{seed}-{analysis}-{method}-analysis.json"
+                # EK-FAC scores the fully fine-tuned model only: no stage where no analysis has the full condition
+                assert marker.is_file() == (method != "ekfac" or run == "full"), marker
+            assert (root / f"seed{seed}" / run / "influence-trak").is_dir()
+        assert (root / f"seed{seed}" / "full" / "influence-ekfac" / "full" / "topk.npz").is_file()
+        assert (root / f"seed{seed}" / "full" / "influence-repsim" / "own" / "topk.npz").is_file()
+    with open(root / "report" / "attribution_methods" / "attribution_methods.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["question"], r["method"]): r for r in rows}
+    for method in ("tracin", "trak", "repsim"):
+        assert ("own_vs_full", method) in by and ("sft_vs_full", method) in by, method
+        assert by[("own_vs_full", method)]["n_seeds"] == "2"
+        assert float(by[("own_vs_full", method)]["stage_minutes"]) > 0
+    # EK-FAC scores no subnetwork: it answers no question that compares conditions
+    assert not any(r["method"] == "ekfac" for r in rows)
+    assert {by[("own_vs_full", m)]["sign_as_tracin"] for m in ("trak", "repsim")} <= {"yes", "no"}
+    front = (root / "report" / "report.md").read_text()
+    assert "## The paper's comparisons under each attribution method" in front
+    assert (root / "report" / "attribution_methods" / "attribution_methods.png").is_file()
+
+
 def test_seed_zero_of_several_is_the_one_seed_study(finished, two_seeds):
     """Adding seeds moves a study's runs under seed<s>/ and changes none of seed 0's numbers."""
     single, _, _ = finished
@@ -264,6 +291,9 @@ def test_list_shows_the_seeds_and_what_is_done(two_seeds):
     ({"counterfactual_refits": [10]}, "key 'counterfactual_refits' needs the key 'counterfactual'"),
     ({"seeds": [0], "counterfactual": ["de"], "counterfactual_refits": [0]},
      "key 'counterfactual_refits': expected a non-empty list of distinct integer seeds other than"),
+    ({"attribution_methods": ["trak", "datamodels"]},
+     "key 'attribution_methods': unknown method(s) ['datamodels']; expected some of ['trak', 'repsim', 'ekfac']"),
+    ({"attribution_methods": []}, "key 'attribution_methods': expected a non-empty list of distinct method names"),
 ])
 def test_a_bad_seed_list_or_stage_config_is_one_clear_line_before_anything_runs(tmp_path, keys, message):
     config = write_study(tmp_path, tmp_path / "runs", **keys)

@@ -97,3 +97,24 @@ def test_seed_folders_are_found_by_their_fits_seed_and_a_one_seed_study_at_its_r
     (tmp_path / "one" / "full").mkdir(parents=True)
     (tmp_path / "one" / "full" / "config.yaml").write_text("seed_everything: 4\n")
     assert seed_roots(tmp_path / "one") == {4: tmp_path / "one"}
+
+
+def test_each_method_is_pooled_from_its_own_rankings(tmp_path):
+    """A method's pooled change reads that method's rankings (``influence-<method>/``), not TracIn's: where TRAK
+    ranks the own subnetwork's in-language examples lower and TracIn higher, the two pooled signs differ."""
+    from analysis.influence import topk_path
+
+    for seed in (0, 1):
+        write_seed(tmp_path / "tracin", seed, change=3)
+        write_seed(tmp_path / "trak", seed, change=-3)
+        for condition in ("full", "own"):
+            src = topk_path(tmp_path / "trak" / f"seed{seed}" / "full", condition)
+            dst = topk_path(tmp_path / "tracin" / f"seed{seed}" / "full", condition, "trak")
+            dst.parent.mkdir(parents=True)
+            src.rename(dst)
+    root = tmp_path / "tracin"
+    by = {m: {f.key: f for f in pooled_influence(root, m)}["own_vs_full"] for m in ("tracin", "trak")}
+    assert by["tracin"].effect.pooled[-1] > 20 and by["trak"].effect.pooled[-1] < -20  # 3 of m = 10: 30 pp
+    assert by["tracin"].marked[-1] and by["trak"].marked[-1]
+    # no REPSIM rankings: nothing pooled, not TracIn's numbers under another name
+    assert pooled_influence(root, "repsim") == []
