@@ -449,7 +449,10 @@ def plan_counterfactual_stages(cfg: StudyConfig, conf: dict[str, list[str]], roo
     command = ["analyze", *conf["analyze"], f"--trainer.default_root_dir={full}",
                "--stages=[counterfactual]", "--conditions=[full]",
                f"--counterfactual.languages=[{', '.join(cfg.counterfactual)}]", *refits, *cfg.overrides]
-    stages.append(Stage(name("counterfactual-analysis"), command, [name("natural-analysis"), *fits],
+    # the check scores every method whose inputs the full run holds: after their stages, when the study runs them
+    methods = [name(layout.method_stage_name("natural", m)) for m in cfg.attribution_methods or []
+               if m != "ekfac" or "full" in cfg.natural_conditions]
+    stages.append(Stage(name("counterfactual-analysis"), command, [name("natural-analysis"), *methods, *fits],
                         outputs=[full / "counterfactual"]))
     return stages
 

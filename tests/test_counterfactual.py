@@ -753,3 +753,21 @@ def test_each_methods_implied_removal_effect_is_set_against_retraining(tiny_stud
                 predicted.append(total / len(rows))
                 retrained.append(seed.retrained[r][seed.lang == t_lang].mean())
         assert found[method]["pearson_r"] == pytest.approx(np.corrcoef(predicted, retrained)[0, 1], rel=1e-9)
+
+
+@pytest.mark.parametrize("natural, expected", [(["full"], ["trak", "ekfac"]), (["own"], ["trak"])])
+def test_the_check_waits_for_the_methods_the_study_ranks_it_with(tmp_path, natural, expected):
+    """The counterfactual check scores every method whose inputs the full run holds, so it runs after their
+    stages; EK-FAC has none where the natural analysis lacks the full condition."""
+    from lightning_modules.study import load_study_config, plan_stages
+
+    config = {"root": str(tmp_path / "study"), "full": str(REPO / "configs/demo/pawsx-full.yaml"),
+              "subnetworks": str(REPO / "configs/demo/pawsx-subnetworks.yaml"), "sft": None,
+              "analyze": str(REPO / "configs/demo/pawsx-analyze.yaml"), "counterfactual": ["en"],
+              "natural_conditions": natural, "attribution_methods": ["trak", "ekfac"]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    stages = {s.name: s for s in plan_stages(*load_study_config(tmp_path / "study.yaml"))}
+    waits = [d for d in stages["counterfactual-analysis"].depends if d.endswith("-analysis")]
+    assert waits == ["natural-analysis", *(f"natural-{m}-analysis" for m in expected)]
+    assert all(d in stages for d in stages["counterfactual-analysis"].depends)
+    assert ("natural-ekfac-analysis" in stages) == ("full" in natural)

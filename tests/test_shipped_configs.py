@@ -51,6 +51,12 @@ def test_a_composed_study_plans_its_bases_stages_unchanged_and_adds_its_own():
     assert fractions[-1] == "--data.init_args.plant.fraction=0.05"  # the later argument wins
     assert "runs/demo/e5-xnli-planted-0.05/full" in next(a for a in planted["full"] if "default_root_dir" in a)
     assert not any("refit" in name for name in planted)
+    # the methods config ranks the demo's runs again, adding only ranking stages (same root: the fits are reused)
+    methods = plan("e5-xnli-methods.yaml")
+    assert {name: methods[name] for name in demo if name != "report"} == \
+        {name: command for name, command in demo.items() if name != "report"}
+    assert set(methods) - set(demo) == {f"seed{s}-{a}-{m}-analysis" for s in (0, 1, 2) for m in ("trak", "repsim")
+                                        for a in ("natural", "sft", "sft-random0")}
 
 
 @pytest.mark.parametrize("path", study_configs(), ids=lambda p: str(p.relative_to(REPO / "configs")))
