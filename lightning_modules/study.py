@@ -592,7 +592,7 @@ def run_study(config: str, from_stage: str | None = None, only: list[str] | None
         t0 = time.monotonic()
         record = {}
         if command[0] == "report":
-            from analysis.study_report import write_study_report
+            from analysis.study.front_page import write_study_report
 
             write_study_report(Path(command[1]))
         else:
@@ -616,7 +616,7 @@ class SeedProgress:
     the first findings exist after one seed instead of after all of them."""
 
     def __init__(self, root: Path, stages: list[Stage], seeds: list[int]):
-        from analysis.study_pooled import SEED_PROGRESS
+        from analysis.study.pooled import SEED_PROGRESS
 
         self.root, self.planned, self.path = root, list(seeds), root / SEED_PROGRESS
         self.left = {seed: {s.name for s in stages if s.seed == seed} for seed in seeds}
@@ -637,7 +637,7 @@ class SeedProgress:
         self.finished.append(stage.seed)
         self._write()
         if ran and len(self.finished) < len(self.planned):
-            from analysis.study_report import write_study_report
+            from analysis.study.front_page import write_study_report
 
             page = write_study_report(self.root).with_suffix(".html")
             print(f"\n  seed {stage.seed} finished ({len(self.finished)} of {len(self.planned)} seeds): its findings "
@@ -645,7 +645,7 @@ class SeedProgress:
 
 
 def print_summary(root: Path) -> None:
-    from analysis.study_summary import study_summary
+    from analysis.study.summary import study_summary
 
     print("\n" + study_summary(root), flush=True)
 
@@ -700,7 +700,7 @@ def report_main(argv: list[str]) -> None:
             f"{root}: no run report of a study found (expected <run>/report/items.json under it); "
             "run the study first (crossling study --config <study config>)"
         )
-    from analysis.study_report import write_study_report
+    from analysis.study.front_page import write_study_report
 
     print(f"report: {write_study_report(root).with_suffix('.html')}", flush=True)
     print_summary(root)

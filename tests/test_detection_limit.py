@@ -1,4 +1,4 @@
-"""The detection limit over planted studies (analysis/detection_limit.py): each rule at its boundary, the
+"""The detection limit over planted studies (analysis/study/detection_limit.py): each rule at its boundary, the
 limit as the smallest share from which every larger share is detected, and the front page's section."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis.detection_limit import (
+from analysis.study.detection_limit import (
     DetectionLimitError,
     detection_limit,
     detection_section,
@@ -140,7 +140,7 @@ def test_a_bad_sweep_is_one_line_naming_the_key(tmp_path, value, message):
 
 
 def test_a_largest_share_without_a_verdict_is_named_not_called_undetected(tmp_path):
-    from analysis.detection_limit import markdown_rows
+    from analysis.study.detection_limit import markdown_rows
 
     old = retrieval(0.4, None)
     del old["ap_p"]

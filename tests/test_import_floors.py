@@ -134,3 +134,12 @@ def test_datamodules_get_backbone_tokenizers_from_the_model_floor_without_import
     assert out.returncode == 0, out.stderr
     assert "refused: no tokenizer for backbone 'tiny-random'" in out.stdout
     assert "vocab " in out.stdout and int(out.stdout.split("vocab ")[1]) > 100
+
+
+def test_a_runs_analysis_never_reads_the_study_level():
+    """``analysis.study`` reads a whole study from its runs; the run-level analysis (everything else in
+    ``analysis``) imports nothing from it, so run → study reads one way."""
+    wrong = [f"{name} imports {target}" for name, targets in graph().items()
+             if name.startswith("analysis.") and not name.startswith("analysis.study")
+             for target in targets if target.startswith("analysis.study")]
+    assert not wrong, "\n".join(wrong)

@@ -10,7 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from analysis.mask_stability import (
+from analysis.masks import MaskError
+from analysis.study.mask_stability import (
     CSV_HEADER,
     check_seed_masks,
     disabled_heads_over_seeds,
@@ -24,7 +25,6 @@ from analysis.mask_stability import (
     random_jaccard_baseline,
     write_mask_stability,
 )
-from analysis.masks import MaskError
 
 SHAPE = (6, 8)
 

@@ -326,7 +326,7 @@ def test_log_report_to_wandb_only_with_an_active_run(tmp_path, monkeypatch):
 def test_wilson_interval_matches_the_binomial_coverage():
     import numpy as np
 
-    from analysis.study_summary import wilson_interval
+    from analysis.study.summary import wilson_interval
 
     # coverage of the 95 % interval over draws of a known binomial: close to 95 %
     rng = np.random.default_rng(0)
@@ -414,7 +414,7 @@ def test_markdown_tables_read_back_to_their_cells():
 
 def test_one_checkpoint_gives_the_dynamics_as_a_table_not_a_figure_of_dots(runs):
     from analysis.report import build_report as build
-    from analysis.study_report import plot_dynamics
+    from analysis.study.front_page import plot_dynamics
 
     full = runs[0]
     options = InfluenceOptions(**OPTS, epochs=[2])  # the last checkpoint only, as the demo ranks

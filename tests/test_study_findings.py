@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
-from analysis.study_findings import study_findings
+from analysis.study.findings import study_findings
 
 
 def write_diff(root, run, title, name, cells):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from analysis.influence import TopKFile, save_topk
-from analysis.study_pooled import describe, pooled_influence, seed_roots
+from analysis.study.pooled import describe, pooled_influence, seed_roots
 
 LANGS = ["en", "de"]
 M, TRAIN_PER_LANG, TEST_PER_LANG = 10, 30, 40

@@ -30,9 +30,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .atomic import save_figure, write_json_atomic
-from .mask_stats import write_csv
-from .masks import MaskError, _read_subnetwork, check_mask, name_seed
+from ..atomic import save_figure, write_json_atomic
+from ..mask_stats import write_csv
+from ..masks import MaskError, _read_subnetwork, check_mask, name_seed
 
 SeedMasks = dict[int, dict[str, np.ndarray]]
 """training seed -> language -> L×H 0/1 mask."""

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .layout import config_value, read_run_config
-from .report.render import format_cell
-from .study_findings import study_findings
-from .study_pooled import (
+from ..layout import config_value, read_run_config
+from ..report.render import format_cell
+from .findings import study_findings
+from .pooled import (
     PooledFinding,
     describe,
     pooled_accuracy,

@@ -15,16 +15,16 @@ from pathlib import Path
 
 from markdown_it import MarkdownIt
 
-from .atomic import save_figure
-from .atomic import write_text_atomic as _write
-from .counterfactual_report import counterfactual_section
+from ..atomic import save_figure
+from ..atomic import write_text_atomic as _write
+from ..counterfactual_report import counterfactual_section
+from ..layout import FULL, SFT, sft_random_runs
+from ..report.render import MAX_TABLE_ROWS, markdown_table, read_csv
 from .detection_limit import detection_section
-from .layout import FULL, SFT, sft_random_runs
+from .findings import study_findings
 from .method_comparison import method_comparison_section
-from .report.render import MAX_TABLE_ROWS, markdown_table, read_csv
-from .study_findings import study_findings
-from .study_pooled import describe, pooled_rows, pooled_table, seed_roots
-from .study_summary import interim_sentence, pooled_findings, stability_sentence, study_summary
+from .pooled import describe, pooled_rows, pooled_table, seed_roots
+from .summary import interim_sentence, pooled_findings, stability_sentence, study_summary
 
 # The paper's order of results; items without a paper number come last.
 PAPER_ORDER = ["Table 1", "Fig 12", "Fig 13", "Fig 14", "Fig 15", "Fig 11", "Fig 2", "Fig 3", "Table 2", "Fig 4",
@@ -93,7 +93,7 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
 def write_seed_pooling(root: Path, out: Path, findings: list) -> list[str]:
     """A study of several training seeds: the pooled findings' table and the subnetworks' stability
     across seeds (``report/mask_stability/``); returns the front page's Markdown for them."""
-    from .contributions import write_rows_csv
+    from ..contributions import write_rows_csv
     from .mask_stability import load_seed_masks, write_mask_stability
 
     roots = seed_roots(root)

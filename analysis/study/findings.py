@@ -11,9 +11,14 @@ import csv
 import json
 from pathlib import Path
 
-from .accuracy_stats import PredictionsError, accuracy_table_with_intervals, difference_name, load_predictions
-from .layout import sft_random_runs
-from .study_pooled import qualifying_notes
+from ..accuracy_stats import (
+    PredictionsError,
+    accuracy_table_with_intervals,
+    difference_name,
+    load_predictions,
+)
+from ..layout import sft_random_runs
+from .pooled import qualifying_notes
 
 # (run, condition, reference run, reference condition, what it answers, paper item)
 QUESTIONS = [

@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import save_figure, write_json_atomic, write_text_atomic
-from .layout import COUNTERFACTUAL, DETECTION_SWEEP, FULL, STUDY_RECORDS
-from .planted import METHOD_NAMES
-from .study_pooled import seed_roots
+from ..atomic import save_figure, write_json_atomic, write_text_atomic
+from ..layout import COUNTERFACTUAL, DETECTION_SWEEP, FULL, STUDY_RECORDS
+from ..planted import METHOD_NAMES
+from .pooled import seed_roots
 
 ALPHA = 0.05
 RULES = {
@@ -204,7 +204,7 @@ def plot_detection(rows: list[dict], path: Path) -> Path:
 
 def write_detection_limit(studies: Sequence[PlantedStudy], out_dir: str | Path) -> dict[str, Path]:
     """``detection_limit.{json,md,png}`` in ``out_dir`` from the planted studies (``read_planted_study``)."""
-    from .report.render import markdown_table
+    from ..report.render import markdown_table
 
     rows = detection_table(studies)
     out_dir = Path(out_dir)

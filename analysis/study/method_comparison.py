@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .contributions import write_rows_csv
-from .influence.options import METHODS
-from .influence.topk_file import influence_dir_name
-from .layout import FULL, STUDY_RECORDS, is_method_stage
-from .plots import ForestPanel, plot_forest
-from .report.render import markdown_table
-from .seed_pooling import ALL
-from .study_pooled import PooledFinding, pooled_influence, seed_roots
+from ..contributions import write_rows_csv
+from ..influence.options import METHODS
+from ..influence.topk_file import influence_dir_name
+from ..layout import FULL, STUDY_RECORDS, is_method_stage
+from ..plots import ForestPanel, plot_forest
+from ..report.render import markdown_table
+from ..seed_pooling import ALL
+from .pooled import PooledFinding, pooled_influence, seed_roots
 
 COMPARISON_CSV = "attribution_methods.csv"
 COMPARISON_PNG = "attribution_methods.png"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .accuracy_stats import PredictionsError, load_predictions, majority_rate
-from .contributions import in_language_share, positions_of
-from .influence import InfluenceError, kept_indices, load_topk, topk_path
-from .influence.options import MissingInputs
-from .layout import (
+from ..accuracy_stats import PredictionsError, load_predictions, majority_rate
+from ..contributions import in_language_share, positions_of
+from ..influence import InfluenceError, kept_indices, load_topk, topk_path
+from ..influence.options import MissingInputs
+from ..layout import (
     ANALYZE_CONFIG_FILE,
     FULL,
     STUDY_RECORDS,
@@ -29,9 +29,9 @@ from .layout import (
     study_seed_folders,
     training_seed,
 )
-from .masks import name_seed
-from .projection_error import load_projection_error
-from .seed_pooling import ALL, PooledEffect, SeedSample, pool_seeds
+from ..masks import name_seed
+from ..projection_error import load_projection_error
+from ..seed_pooling import ALL, PooledEffect, SeedSample, pool_seeds
 
 
 @dataclass(frozen=True)
