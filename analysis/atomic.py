@@ -96,5 +96,17 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return Path(path)
 
 
+def write_csv_atomic(path: str | Path, header: list[str], rows) -> Path:
+    """The one CSV writer: a header and rows of cells (each written with ``str``; callers format their
+    numbers), through a temporary file, so a reader never sees half a table."""
+    import csv
+
+    with atomic_write(path) as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([[str(cell) for cell in row] for row in rows])
+    return Path(path)
+
+
 def write_json_atomic(path: Path, data: dict, indent: int = 2) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=True) + "\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import write_csv_atomic
 
 SIGNS: tuple[str, ...] = ("pos", "neg")
 CSV_COLUMNS = ["test_lang", "train_lang", "sign", "percent", "ci_low", "ci_high", "n_test"]
@@ -153,13 +153,8 @@ class ContributionTable:
 
 
 def write_rows_csv(path: str | Path, rows: list[dict], columns: Sequence[str]) -> Path:
-    """Write dict rows as CSV through a temporary file, so a reader never sees half a table."""
-    with atomic_write(path) as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _fmt(row.get(k, "")) for k in columns})
-    return Path(path)
+    """Write dict rows (the keys ``columns`` names, in that order; others left out) as CSV, atomically."""
+    return write_csv_atomic(path, list(columns), [[_fmt(row.get(k, "")) for k in columns] for row in rows])
 
 
 def _fmt(value) -> str:

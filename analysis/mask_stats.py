@@ -10,15 +10,12 @@ numpy + matplotlib only: no Lightning, so a notebook can import this.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import save_figure
-from .atomic import write_text_atomic as _write_text
+from .atomic import save_figure, write_csv_atomic
 from .masks import MaskError, load_subnetworks
 
 
@@ -124,13 +121,8 @@ def search_outcomes(subnetworks_dir: Path, languages: list[str]) -> dict[str, li
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    """Write a CSV atomically (temp name, then rename)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows([[_cell(v) for v in row] for row in rows])
-    _write_text(path, buf.getvalue())
-    return path
+    """Write a CSV atomically, numbers at full precision."""
+    return write_csv_atomic(path, header, [[_cell(v) for v in row] for row in rows])
 
 
 def _matrix_rows(matrix: np.ndarray, languages: list[str]) -> list[list]:

@@ -12,7 +12,6 @@ import pytest
 
 from analysis.masks import MaskError
 from analysis.study.mask_stability import (
-    CSV_HEADER,
     check_seed_masks,
     disabled_heads_over_seeds,
     expected_random_jaccard,
@@ -23,8 +22,8 @@ from analysis.study.mask_stability import (
     modularity,
     permutation_test,
     random_jaccard_baseline,
-    write_mask_stability,
 )
+from analysis.study.mask_stability_files import CSV_HEADER, write_mask_stability
 
 SHAPE = (6, 8)
 

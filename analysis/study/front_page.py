@@ -94,7 +94,8 @@ def write_seed_pooling(root: Path, out: Path, findings: list) -> list[str]:
     """A study of several training seeds: the pooled findings' table and the subnetworks' stability
     across seeds (``report/mask_stability/``); returns the front page's Markdown for them."""
     from ..contributions import write_rows_csv
-    from .mask_stability import load_seed_masks, write_mask_stability
+    from .mask_stability import load_seed_masks
+    from .mask_stability_files import write_mask_stability
 
     roots = seed_roots(root)
     md = ["## What held across seeds", "",
