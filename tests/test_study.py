@@ -92,6 +92,7 @@ def test_study_runs_every_stage_and_writes_the_report(finished):
     assert len(headings) == len(set(headings)) and sum("(Table 1)" in h for h in headings) == 1, headings
     page = (root / "report" / "report.html").read_text()
     assert "<table>" in page and "disabled_heads" in page and "](" not in page and "\n## " not in page
+    assert_key_figure_resolves(root, front)
     for run in ("full", "sft", "sft-random0"):
         assert (root / run / "report" / "report.md").is_file(), run
         # every analysis measured its sketch's share error, and its report says so
@@ -105,6 +106,16 @@ def test_study_runs_every_stage_and_writes_the_report(finished):
     assert "val/acc_en" in (root / "full" / "logs" / "metrics.csv").read_text()
     assert "dev acc" in out and "majority" in out
     assert "crossling study summary" in out and str(root / "report") in out
+
+
+def assert_key_figure_resolves(root: Path, front: str) -> None:
+    """The front page shows Fig 2's change matrix, by a link that reaches the seed's own figure."""
+    links = [line.split("](", 1)[1].rstrip(")") for line in front.splitlines()
+             if line.startswith("![") and "own" in line and "full" in line]
+    assert links, "no Fig 2 change matrix on the front page"
+    assert (root / "report" / links[0]).resolve().is_file(), links[0]
+    caption = next(i for i, line in enumerate(front.splitlines()) if "The paper's key figure" in line)
+    assert caption < next(i for i, line in enumerate(front.splitlines()) if line.startswith("## ") and "Fig" in line)
 
 
 def test_rerunning_a_finished_study_skips_every_stage(finished):
@@ -224,7 +235,14 @@ def test_each_training_seed_runs_the_whole_chain_and_the_front_page_pools_them(t
         command = json.loads((root / ".study" / f"seed{seed}-natural-analysis.json").read_text())["command"]
         assert f"--stages={second}" in command, (seed, command)
     front = (root / "report" / "report.md").read_text()
-    assert "## What held across seeds" in front and "pooled over 2 seeds" in front
+    assert "## What held across seeds" in front
+    # the findings as one table, the paper's key figure beside it, the summary a file of its own, not repeated
+    table = [line for line in front.split("## What held across seeds")[1].split("\n\n") if "| comparison" in line][0]
+    assert "pooled change [95% CI]" in table and "seeds agreeing" in table
+    assert " pp [" in table and " points [" in table  # shares and accuracy in one table, each with its unit
+    assert_key_figure_resolves(root, front)
+    assert "```" not in front and "crossling study summary" in (root / "report" / "summary.txt").read_text()
+    assert "pooled over 2 seeds" in (root / "report" / "summary.txt").read_text()
     assert "Subnetworks across seeds" in front and "Jaccard" in front
     for name in ("mask_stability.csv", "mask_stability.png", "mask_jaccard_matrix.png", "mask_stability_summary.json"):
         assert (root / "report" / "mask_stability" / name).is_file(), name

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.influence import TopKFile, save_topk
+from analysis.influence import TopKFile, save_topk, topk_path
 from analysis.study.pooled import describe, pooled_influence, seed_roots
 
 LANGS = ["en", "de"]
@@ -26,7 +26,8 @@ def top_sets(rng: np.random.Generator, test_codes: np.ndarray, own_counts: np.nd
     return np.asarray(rows, dtype=np.int64)
 
 
-def write_ranking(run: Path, condition: str, pos_idx: np.ndarray, correct: np.ndarray, test_codes: np.ndarray):
+def write_ranking(run: Path, condition: str, pos_idx: np.ndarray, correct: np.ndarray, test_codes: np.ndarray,
+                  method: str = "tracin", projection: str | None = None):
     n = pos_idx.shape[0]
     arrays = {
         "test_indices": np.arange(n, dtype=np.int64),
@@ -40,7 +41,8 @@ def write_ranking(run: Path, condition: str, pos_idx: np.ndarray, correct: np.nd
         "train_indices": np.arange(len(LANGS) * TRAIN_PER_LANG, dtype=np.int64),
         "train_langs": np.repeat(np.array(LANGS), TRAIN_PER_LANG),
     }
-    save_topk(run / "influence" / condition / "topk.npz", TopKFile({"languages": LANGS, "m": M}, arrays))
+    meta = {"languages": LANGS, "m": M} | ({"projection": {"kind": projection}} if projection else {})
+    save_topk(topk_path(run, condition, method), TopKFile(meta, arrays))
 
 
 def write_seed(root: Path, seed: int, change: int, degenerate: bool = False) -> None:
@@ -118,3 +120,26 @@ def test_each_method_is_pooled_from_its_own_rankings(tmp_path):
     assert by["tracin"].marked[-1] and by["trak"].marked[-1]
     # no REPSIM rankings: nothing pooled, not TracIn's numbers under another name
     assert pooled_influence(root, "repsim") == []
+
+
+def test_the_projection_error_margin_applies_to_projected_rankings_only(tmp_path):
+    """A share error measured for the sketches widens the margin of rankings over projected gradients
+    (TracIn, TRAK), not of rankings over representations, which no projection moved."""
+    rng = np.random.default_rng(7)
+    codes = np.repeat(np.arange(len(LANGS)), TEST_PER_LANG)
+    base = rng.integers(3, 6, codes.size)
+    full, own = top_sets(rng, codes, base), top_sets(rng, codes, np.clip(base + 3, 0, M))
+    correct = np.ones(codes.size, dtype=bool)
+    run = tmp_path / "full"
+    for method, kind in (("tracin", "kronecker"), ("repsim", "representation")):
+        write_ranking(run, "full", full, correct, codes, method, kind)
+        write_ranking(run, "own", own, correct, codes, method, kind)
+    (run / "config.yaml").write_text("seed_everything: 0\n")
+    error = {"mean": 45.0, "max": 60.0}
+    (run / "fidelity").mkdir()
+    (run / "fidelity" / "fidelity.json").write_text(json.dumps(
+        {"share_error_pp": {"pos": error, "neg": error}, "n_test": 10, "n_train": 50, "m": 5, "epoch": 1}))
+    by = {m: {f.key: f for f in pooled_influence(tmp_path, m)}["own_vs_full"] for m in ("tracin", "repsim")}
+    assert by["tracin"].margin == 45.0 and by["repsim"].margin == 0.0
+    assert by["tracin"].effect.pooled[-1] == pytest.approx(by["repsim"].effect.pooled[-1])  # the same rankings
+    assert not by["tracin"].marked[-1] and by["repsim"].marked[-1]  # +30 pp clears 0, not 45 pp

@@ -42,6 +42,15 @@ def describe_run_backbone(run_dir: Path) -> str:
     return " ".join(parts).replace(" ; ", "; ")
 
 
+def describe_projection(projection: dict | None) -> str:
+    """The sketch's projection options as a reader wants them ("kronecker, k 64, pairs 4, seed 0"), not JSON."""
+    if not projection:
+        return "not recorded"
+    kind = projection.get("kind", "?")
+    rest = ", ".join(f"{key} {value}" for key, value in projection.items() if key != "kind" and value is not None)
+    return f"{kind}, {rest}" if rest else str(kind)
+
+
 def projection_error_lines(errors: dict[Path, ProjectionError | None], margin: dict[str, float]) -> list[str]:
     """The header's account of the sketch's own error and of the marking rule built on it."""
     lines = [
@@ -120,7 +129,7 @@ def write_report(
         f"- TracIn: normalization `{first.get('options', {}).get('normalization', options.normalization)}`, "
         f"top-m = {first.get('m', options.m)}, checkpoints (epochs) {first.get('epochs', '?')}, "
         f"lr weights {first.get('options', {}).get('lr_weights')}",
-        f"- gradient sketches: d = {first.get('d', '?')}, projection {json.dumps(first.get('projection'))}",
+        f"- gradient sketches: d = {first.get('d', '?')}, projection {describe_projection(first.get('projection'))}",
         f"- bootstrap: {options.bootstrap_resamples} resamples over test examples, {int(options.ci_level * 100)}% "
         "percentile intervals (paired for differences); only test examples every compared model classifies correctly",
         f"- languages (axis order): {', '.join(languages)}",

@@ -91,7 +91,9 @@ def render_html(rep: Report, title: str, header_md: list[str]) -> str:
             "rows": rows if 0 < len(rows) <= MAX_TABLE_ROWS else [],
             "preformatted": item.markdown if item.key == "drilldown" else "",
         })
-    header = [line.lstrip("- ") for line in header_md[1:] if line.strip()]
+    # the header's "- what: value" lines as a two-column table (what the run is, how it was analysed)
+    header = [tuple(line.removeprefix("- ").split(": ", 1)) if ": " in line else (line.removeprefix("- "), "")
+              for line in header_md[1:] if line.strip()]
     return _ENV.get_template("page.html.j2").render(
         title=title, header=header, items=items, notes=rep.notes, missing=rep.missing
     )

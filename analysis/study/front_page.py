@@ -23,7 +23,7 @@ from ..report.render import MAX_TABLE_ROWS, markdown_table, read_csv
 from .detection_limit import detection_section
 from .findings import study_findings
 from .method_comparison import method_comparison_section
-from .pooled import describe, pooled_rows, pooled_table, seed_roots
+from .pooled import PooledFinding, pooled_rows, pooled_table, seed_roots
 from .summary import interim_sentence, pooled_findings, stability_sentence, study_summary
 
 # The paper's order of results; items without a paper number come last.
@@ -54,11 +54,8 @@ def _read_dynamics(run: Path) -> list[dict]:
 
 def plot_dynamics(rows: list[dict], path: Path) -> bool:
     """In-language share per epoch, mean over test languages, one line per run and condition."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     series: dict[str, dict[int, list[float]]] = {}
     for row in rows:
@@ -71,7 +68,8 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
         series.setdefault(label, {}).setdefault(int(row["epoch"]), []).append(float(row["in_language_percent"]))
     if not any(len(by_epoch) > 1 for by_epoch in series.values()):
         return False  # one checkpoint per run: dots, not lines over epochs; the runs' tables hold the values
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
     shown = sorted({e + 1 for by_epoch in series.values() for e in by_epoch})
     for label, by_epoch in series.items():
         epochs = sorted(by_epoch)
@@ -85,7 +83,6 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path, dpi=130)
-    plt.close(fig)
     return True
 
 
@@ -105,12 +102,19 @@ def write_seed_pooling(root: Path, out: Path, findings: list) -> list[str]:
           "examples), so they cover both the training run and the test sample; * marks a pooled interval "
           "that clears zero by more than the largest projection error measured on the compared runs; "
           "(k/S) counts the seeds whose own estimate has the pooled sign.", ""]
-    for finding in findings:
-        md += [f"- {describe(finding)}", "", markdown_table(pooled_table(finding)), ""]
+    if findings:
+        md += [markdown_table([findings_row(f) for f in findings]), ""]
+    md += key_figure_markdown(root, roots)
     rows = pooled_rows(findings)
     if rows:
         write_rows_csv(out / "pooled_findings.csv", rows, list(dict.fromkeys(k for r in rows for k in r)))
-        md += ["", "Data: [pooled_findings.csv](pooled_findings.csv)"]
+        md += ["Data: [pooled_findings.csv](pooled_findings.csv); each seed's estimate per test language:", ""]
+        for finding in findings:
+            md += [f"**{finding.what}**" + (f" ({finding.paper})" if finding.paper else "") + ":", "",
+                   markdown_table(pooled_table(finding)), ""]
+        notes = [f"{f.key}: {'; '.join(f.notes)}" for f in findings if f.notes]
+        if notes:
+            md += ["Beware: " + " · ".join(notes), ""]
     dirs = {seed: path / "full" / "subnetworks" for seed, path in roots.items()}
     if all(any(d.glob("*.json")) for d in dirs.values()):
         loaded = load_seed_masks(dirs)
@@ -131,6 +135,40 @@ def write_seed_pooling(root: Path, out: Path, findings: list) -> list[str]:
         if findings:
             md += [f"## What seed {seed} found on its own", "", *(f"- {f}" for f in findings), ""]
     return md
+
+
+def findings_row(f: PooledFinding) -> dict:
+    """One pooled finding as a row of the front page's findings table, with one short reading."""
+    e, last = f.effect, len(f.effect.groups) - 1
+    held = [g for g, m in zip(e.groups[:-1], f.marked[:-1]) if m]
+    over = "marked" if f.marked[last] else "not marked"
+    reading = (f"holds for {', '.join(held)}" if held else "no language clears zero"
+               + (" by more than the projection error" if f.margin else ""))
+    return {"comparison": f.what + (f" ({f.paper})" if f.paper else ""),
+            "pooled change [95% CI]": f"{e.pooled[last]:+.1f} {f.unit} [{e.low[last]:+.1f}, {e.high[last]:+.1f}]",
+            "seeds agreeing": f"{int(e.agree()[last])}/{len(e.seeds)}", "over languages": over,
+            "reading": reading + (" (beware: see below)" if f.notes else "")}
+
+
+def key_figure_markdown(root: Path, roots: dict[int, Path]) -> list[str]:
+    if figure := key_figure(root, roots):
+        seed = f" (seed {min(roots)})" if len(roots) > 1 else ""
+        return [f"![{figure[0]}]({figure[1]})", "", f"*The paper's key figure: {figure[0]}*{seed}.", ""]
+    return []
+
+
+def key_figure(root: Path, roots: dict[int, Path]) -> tuple[str, str] | None:
+    """The paper's key figure, Fig 2's change matrix (own subnetwork − full model), from the first seed's
+    report: (title, its path from the front page); None when no run drew it."""
+    first = roots[min(roots)] if roots else root
+    items = first / FULL / "report" / "items.json"
+    if not items.is_file():
+        return None
+    for item in json.loads(items.read_text()):
+        if item.get("paper") == "Fig 2" and item.get("png"):
+            prefix = f"{first.relative_to(root)}/" if first != root else ""
+            return item["title"], f"../{prefix}{FULL}/report/{item['png']}"
+    return None
 
 
 def write_study_report(root: Path) -> Path:
@@ -169,10 +207,12 @@ def write_study_report(root: Path) -> Path:
         findings = study_findings(first)
         if findings:
             md += ["## What this study found", "", *(f"- {f}" for f in findings), ""]
+            md += key_figure_markdown(root, roots)
     md += counterfactual_section(roots or {0: root}, out / "counterfactual")
     md += detection_section(root, out / "detection_limit")
     md += method_comparison_section(root, out / "attribution_methods")
-    md += ["```", study_summary(root, findings), "```", ""]
+    _write(out / "summary.txt", study_summary(root, findings))
+    md += ["The study's summary as text (what `crossling study` prints at the end): [summary.txt](summary.txt)", ""]
     for seed, path in (roots.items() if several else [(None, first)]):
         label = f"Seed {seed} per-run reports: " if several else "Per-run reports: "
         rel = f"{path.relative_to(root)}/" if path != root else ""

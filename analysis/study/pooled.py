@@ -208,14 +208,28 @@ def qualifying_notes(roots: dict[int, Path], q_runs: list[str], uses_masks: bool
     return notes
 
 
-# methods that rank the sketches, whose share error the fidelity stage measures (the margin a change must clear)
-SKETCHED_METHODS = ("tracin", "trak")
+# rankings over randomly projected gradients: the fidelity stage measures the share error such a
+# projection causes, the margin a change must clear (representations and EK-FAC scores are not projected)
+PROJECTED = ("kronecker",)
+
+
+def ranks_projections(seed_root: Path, q: Question, method: str) -> bool:
+    """Whether both rankings of ``q`` under ``method`` ranked randomly projected gradients (their files'
+    ``projection`` record says so; no branch on the method's name)."""
+    metas = []
+    for run, condition in ((q.run, q.condition), (q.ref_run, q.ref_condition)):
+        try:
+            metas.append(load_topk(topk_path(seed_root / run, condition, method)).meta)
+        except (MissingInputs, InfluenceError):
+            return False
+    return all((meta.get("projection") or {}).get("kind") in PROJECTED for meta in metas)
 
 
 def pooled_influence(root: Path, method: str = "tracin") -> list[PooledFinding]:
     """Every in-language-share question the seeds' rankings under ``method`` answer, pooled over the seeds
-    that have it. The projection error's margin applies to the methods that rank the sketches; EK-FAC and
-    representation similarity do not project, so their changes are judged by their intervals alone."""
+    that have it. The projection error's margin applies to rankings of the sketches (TracIn, TRAK); EK-FAC and
+    representation similarity do not project, so their changes are judged by their intervals alone
+    (``ranks_projections``)."""
     roots = seed_roots(root)
     out = []
     for q in influence_questions(random_seeds_of(roots)):
@@ -231,7 +245,8 @@ def pooled_influence(root: Path, method: str = "tracin") -> list[PooledFinding]:
         effect = pool_seeds(samples, languages, resamples, name_seed("pooled", boot_seed, q.key), level)
         uses_masks = q.condition != "full" or q.run != "full"
         notes = qualifying_notes({s.seed: roots[s.seed] for s in samples}, [q.run], uses_masks)
-        margin = share_margin(roots, [q.run, q.ref_run]) if method in SKETCHED_METHODS else 0.0
+        projected = ranks_projections(roots[samples[0].seed], q, method)
+        margin = share_margin(roots, [q.run, q.ref_run]) if projected else 0.0
         out.append(PooledFinding(q.key, q.what, q.paper, "pp", effect, margin, notes))
     return out
 
