@@ -644,6 +644,13 @@ def test_a_refit_that_is_not_a_refit_is_refused(tiny_study, tmp_path):
     (other / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(CounterfactualError, match="model.learning_rate is 0.5 there .* seed and batch order only"):
         check_refit_run(root / "full", other)
+    # a progress bar turned off (a fit logged to a file) changes nothing the fit learns: still a refit
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    config = yaml.safe_load((root / "refit-5/config.yaml").read_text())
+    config["trainer"]["enable_progress_bar"] = not config["trainer"].get("enable_progress_bar", True)
+    (quiet / "config.yaml").write_text(yaml.safe_dump(config))
+    check_refit_run(root / "full", quiet)
 
 
 def test_the_slope_says_how_far_the_prediction_falls_short_of_retrainings_scale():

@@ -63,9 +63,11 @@ from .request import AnalyzeRequest
 
 OUT = COUNTERFACTUAL
 # keys a leave-out fit may differ in from the run it is compared with: its folder, what it leaves out, and
-# whether it keeps the full fit's order of the rest, which checkpoints inside an epoch it saves
+# whether it keeps the full fit's order of the rest, which checkpoints inside an epoch it saves, and whether
+# it shows a progress bar (a fit logged to a file turns it off; nothing it learns changes)
 FREE_KEYS = {("trainer", "default_root_dir"), ("data", "init_args", "leave_out"),
-             ("data", "init_args", "coupled_order"), ("ckpt_path",), ("trainer", "checkpoints_within_epoch")}
+             ("data", "init_args", "coupled_order"), ("ckpt_path",), ("trainer", "checkpoints_within_epoch"),
+             ("trainer", "enable_progress_bar")}
 
 
 @dataclass
