@@ -384,8 +384,10 @@ def plan_seed_stages(cfg: StudyConfig, base: Path, root: Path, seed: int, prefix
             planned = method_stage(method, run, conditions, [*conf["analyze"]], [*args, *extra])
             if planned is not None:
                 command, outputs = planned
+                # an analysis compared with the full run (--compare_to) reads the full run's ranking by this method
+                natural = [] if stage == "natural-analysis" else [name(layout.method_stage_name("natural", method))]
                 stages.append(Stage(name(layout.method_stage_name(stage.removesuffix("-analysis"), method)), command,
-                                    [names[0]], outputs=outputs))
+                                    [names[0], *natural], outputs=outputs))
         return stages
 
     masks = f"--model.subnetworks={subnetworks_dir}"

@@ -778,3 +778,22 @@ def test_the_check_waits_for_the_methods_the_study_ranks_it_with(tmp_path, natur
     assert waits == ["natural-analysis", *(f"natural-{m}-analysis" for m in expected)]
     assert all(d in stages for d in stages["counterfactual-analysis"].depends)
     assert ("natural-ekfac-analysis" in stages) == ("full" in natural)
+
+
+def test_a_method_stage_compared_with_the_full_run_waits_for_its_ranking(tmp_path):
+    """SFT's ranking by a method reads the full run's ranking by that method (--compare_to): it depends on it."""
+    from lightning_modules.study import load_study_config, plan_stages
+
+    config = {"root": str(tmp_path / "study"), "full": str(REPO / "configs/demo/pawsx-full.yaml"),
+              "subnetworks": str(REPO / "configs/demo/pawsx-subnetworks.yaml"),
+              "sft": str(REPO / "configs/demo/pawsx-sft.yaml"), "random_seeds": [0],
+              "analyze": str(REPO / "configs/demo/pawsx-analyze.yaml"), "attribution_methods": ["trak", "repsim"]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    stages = {s.name: s for s in plan_stages(*load_study_config(tmp_path / "study.yaml"))}
+    for method in ("trak", "repsim"):
+        assert stages[f"natural-{method}-analysis"].depends == ["natural-influence"]
+        for analysis in ("sft", "sft-random0"):
+            assert stages[f"{analysis}-{method}-analysis"].depends == [f"{analysis}-influence",
+                                                                      f"natural-{method}-analysis"]
+    order = list(stages)
+    assert all(order.index(d) < order.index(n) for n, s in stages.items() for d in s.depends)
