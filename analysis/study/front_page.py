@@ -1,7 +1,8 @@
-"""The study's front page: ``<root>/report/report.md`` and ``.html`` gather the per-run reports
-(full fine-tuning, SFT, random-subnetwork SFT) in the paper's order, add the figure only a
-whole study can draw — in-language reliance over epochs for full FT vs SFT vs random SFT
-(Figs 10, 17, 18) — and open with the summary printed at the end of ``crossling study``.
+"""The study's front page: ``<root>/report/report.md`` and ``.html`` open with what the study found (with
+several seeds, the pooled findings as one table and the paper's key figure), then the ground-truth and
+method sections where the study has them, the figure only a whole study can draw — in-language reliance
+over epochs for full FT vs SFT vs random SFT (Figs 10, 17, 18) — and the per-run reports' figures in the
+paper's order. The summary ``crossling study`` prints at its end is kept beside it as ``summary.txt``.
 """
 
 from __future__ import annotations
@@ -84,7 +85,6 @@ def plot_dynamics(rows: list[dict], path: Path) -> bool:
     fig.tight_layout()
     save_figure(fig, path, dpi=130)
     return True
-
 
 
 def write_seed_pooling(root: Path, out: Path, findings: list) -> list[str]:
