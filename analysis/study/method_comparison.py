@@ -4,7 +4,7 @@ Why: the paper's findings (Fig 2: the own subnetwork raises a language's in-lang
 raises it; Fig 6: shuffled subnetworks do not) are read off TracIn's rankings. Whether they are findings
 about the model or about TracIn shows when another method ranks the same runs: a comparison that keeps
 its sign and its mark under every method rests on more than one approximation. Each method's rankings
-are pooled over seeds exactly as TracIn's are (``study_pooled.pooled_influence``); beside them, what each
+are pooled over seeds exactly as TracIn's are (``pooled.pooled_influence``); beside them, what each
 method cost in the study (its stages' time and peak memory, from the runner's records).
 """
 
