@@ -4,6 +4,7 @@ disk) removes its temporary file and says which file could not be written, in on
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -99,8 +100,6 @@ def write_text_atomic(path: Path, text: str) -> Path:
 def write_csv_atomic(path: str | Path, header: list[str], rows) -> Path:
     """The one CSV writer: a header and rows of cells (each written with ``str``; callers format their
     numbers), through a temporary file, so a reader never sees half a table."""
-    import csv
-
     with atomic_write(path) as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)

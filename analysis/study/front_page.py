@@ -210,7 +210,8 @@ def write_study_report(root: Path) -> Path:
             md += key_figure_markdown(root, roots)
     md += counterfactual_section(roots or {0: root}, out / "counterfactual")
     md += detection_section(root, out / "detection_limit")
-    md += method_comparison_section(root, out / "attribution_methods")
+    shares = [f for f in findings if isinstance(f, PooledFinding) and f.unit == "pp"] if several else None
+    md += method_comparison_section(root, out / "attribution_methods", shares)
     _write(out / "summary.txt", study_summary(root, findings))
     md += ["The study's summary as text (what `crossling study` prints at the end): [summary.txt](summary.txt)", ""]
     for seed, path in (roots.items() if several else [(None, first)]):

@@ -102,17 +102,19 @@ def _cost_table(costs: dict[str, MethodCost]) -> list[dict]:
              "peak memory (GiB)": f"{c.peak_mb / 1024:.2f}"} for m, c in costs.items()]
 
 
-def method_comparison_section(root: Path, out: Path) -> list[str]:
+def method_comparison_section(root: Path, out: Path, tracin: list[PooledFinding] | None = None) -> list[str]:
     """The front page's Markdown for the comparisons under each method (with ``attribution_methods.csv``
-    and the forest figure in ``out``); empty when TracIn is the only method the study ran."""
+    and the forest figure in ``out``); empty unless two methods answer some comparison. ``tracin``: TracIn's
+    pooled share findings when the caller has them already (each pooling is a bootstrap over every seed)."""
     methods = methods_ranked(root)
     if len(methods) < 2:
         return []
-    findings = {m: found for m in methods if (found := pooled_influence(root, m))}
+    findings = {m: found for m in methods
+                if (found := (tracin if m == "tracin" and tracin is not None else pooled_influence(root, m)))}
+    if len(findings) < 2:  # e.g. EK-FAC alone beside TracIn: it scores no subnetwork, so compares nothing
+        return []
     costs = method_costs(root, methods)
     rows = comparison_rows(findings, costs)
-    if not rows:
-        return []
     out.mkdir(parents=True, exist_ok=True)
     write_rows_csv(out / COMPARISON_CSV, rows, list(rows[0]))
     keys = list(dict.fromkeys(r["question"] for r in rows))
